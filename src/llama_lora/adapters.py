@@ -38,7 +38,9 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
 
 
 def converts_on_save(init: bool | str) -> bool:
-    return isinstance(init, str) and (init == "olora" or re.fullmatch(r"pissa(_niter_\d+)?", init) is not None)
+    return isinstance(init, str) and (
+        init == "olora" or re.fullmatch(r"pissa(_niter_\d+)?", init) is not None
+    )
 
 
 def lora_config(pcfg, device: str):

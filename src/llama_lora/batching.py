@@ -14,8 +14,14 @@ import torch
 from llama_lora.data import IGNORE, Example
 
 
-def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None, seed: int,
-                 shuffle: bool = True, group: int = 64) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int],
+    batch_size: int,
+    max_batch_tokens: int | None,
+    seed: int,
+    shuffle: bool = True,
+    group: int = 64,
+) -> list[list[int]]:
     """Indices grouped into micro-batches.
 
     Rows are shuffled, then taken `group * batch_size` at a time, sorted by length inside each such window

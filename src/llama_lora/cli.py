@@ -20,7 +20,9 @@ from llama_lora.errors import ConfigError, LlamaLoraError
 
 app = typer.Typer(
     help="Fine-tune Llama-family instruct models with LoRA/DoRA: train, evaluate, chat, merge, export.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Inspect configurations and presets.", no_args_is_help=True)
@@ -30,7 +32,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 ARGS_HELP = "An optional CONFIG.yaml, then key.path=value overrides (values parse as YAML)."
 Args = Annotated[list[str] | None, typer.Argument(help=ARGS_HELP, show_default=False)]
-Preset = Annotated[str | None, typer.Option("--preset", "-p", help="Start from a shipped preset (see `config presets`).")]
+Preset = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Start from a shipped preset (see `config presets`).")
+]
 
 
 def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
@@ -66,7 +70,9 @@ def train(
     args: Args = None,
     preset: Preset = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress messages.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or progress messages.")
+    ] = False,
 ) -> None:
     """Train a LoRA/DoRA adapter. Writes config.yaml, adapter/, metrics.jsonl, train_summary.json, loss.png."""
     cfg = resolve_config(args, preset)
@@ -103,8 +109,12 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """llama-lora: fine-tune, evaluate and ship LoRA/DoRA adapters for Llama-family models."""
 

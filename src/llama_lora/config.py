@@ -212,7 +212,11 @@ def build(raw: dict[str, Any]) -> Config:
         first = exc.errors()[0]
         if first["type"] == "extra_forbidden":
             section = first["loc"][0] if len(first["loc"]) > 1 else None
-            known = Config.model_fields if section is None else Config.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+            known = (
+                Config.model_fields
+                if section is None
+                else Config.model_fields[section].annotation.model_fields
+            )  # type: ignore[union-attr]
             raise ConfigError(f"{_format_error(first)} (known: {', '.join(known)})") from None
         raise ConfigError(_format_error(first)) from None
 

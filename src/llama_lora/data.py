@@ -39,10 +39,15 @@ def _local_files(path: Path, split: str) -> dict[str, str]:
     per split (`train.jsonl`, `eval.jsonl`, ...); a single file is the split `train`."""
     name = re.match(r"[\w.-]*", split).group(0)  # type: ignore[union-attr]
     if path.is_dir():
-        files = {p.stem: str(p) for p in sorted(path.iterdir())
-                 if p.suffix in LOCAL_EXTENSIONS and p.name != "probe.json"}
+        files = {
+            p.stem: str(p)
+            for p in sorted(path.iterdir())
+            if p.suffix in LOCAL_EXTENSIONS and p.name != "probe.json"
+        }
         if name not in files:
-            raise DataError(f"data.split: {path} has no split {name!r} (it has: {', '.join(files) or 'none'})")
+            raise DataError(
+                f"data.split: {path} has no split {name!r} (it has: {', '.join(files) or 'none'})"
+            )
         return {name: files[name]}
     return {"train": str(path)}
 
@@ -131,8 +136,14 @@ def detect_format(row: dict[str, Any]) -> str:
     )
 
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "model": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 
 def _text(value: Any) -> str:
@@ -185,7 +196,9 @@ def reference_answer(messages: list[Message]) -> str | None:
 def choose_template(tokenizer, requested: str) -> str:
     if requested != "auto":
         if requested == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.template: chat requested but this tokenizer has no chat template (use alpaca)")
+            raise DataError(
+                "data.template: chat requested but this tokenizer has no chat template (use alpaca)"
+            )
         return requested
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
@@ -200,7 +213,9 @@ def alpaca_prompt(messages: list[Message]) -> str:
     user = [m["content"] for m in messages if m["role"] == "user"]
     if len(user) != 1 or any(m["role"] == "assistant" for m in messages[:-1] if m is not messages[-1]):
         if sum(m["role"] == "assistant" for m in messages) > 1:
-            raise ValueError("the alpaca template holds one instruction and one response (use template: chat)")
+            raise ValueError(
+                "the alpaca template holds one instruction and one response (use template: chat)"
+            )
     instruction, _, extra = (user[0] if user else "").partition("\n\n")
     head = f"{system}\n\n" if system else ""
     text = f"{head}### Instruction:\n{instruction}\n"
@@ -246,10 +261,12 @@ def render_segments(messages: list[Message], tokenizer, template: str) -> list[t
         prefix = _apply_chat(tokenizer, messages[:i], generation_prompt=True)
         full = _apply_chat(tokenizer, messages[: i + 1], generation_prompt=False)
         if not full.startswith(prefix) or len(prefix) < done:
-            raise DataError("data.template: this chat template does not render turns as a growing prefix; "
-                            "use template: alpaca")
+            raise DataError(
+                "data.template: this chat template does not render turns as a growing prefix; "
+                "use template: alpaca"
+            )
         segments.append((prefix[done:], False))
-        reply = full[len(prefix):]
+        reply = full[len(prefix) :]
         start = reply.find(msg["content"])
         if start == -1:
             raise DataError("data.template: the chat template changes assistant text; use template: alpaca")
@@ -333,8 +350,9 @@ class PrepareStats:
         return ", ".join(parts)
 
 
-def prepare(rows: list[dict[str, Any]], tokenizer, dcfg, template: str, fmt: str | None = None,
-            where: str = "data") -> tuple[list[Example], PrepareStats]:
+def prepare(
+    rows: list[dict[str, Any]], tokenizer, dcfg, template: str, fmt: str | None = None, where: str = "data"
+) -> tuple[list[Example], PrepareStats]:
     """Rows -> tokenized examples, applying truncation and counting what was cut or dropped."""
     stats = PrepareStats(rows=len(rows))
     examples: list[Example] = []

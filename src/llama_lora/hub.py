@@ -21,7 +21,10 @@ def hub_endpoint() -> str:
 
 
 def offline_mode() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
@@ -47,9 +50,13 @@ def token_present() -> bool:
 
 def _advice(repo: str, kind: str) -> str:
     page = f"{hub_endpoint()}/{'datasets/' if kind == 'dataset' else ''}{repo}"
-    local = "data.source at a local .json/.jsonl/.csv/.parquet file" if kind == "dataset" else (
-        "model.name at a local model directory or .gguf file (or use the offline default "
-        "smollm2-135m-instruct)"
+    local = (
+        "data.source at a local .json/.jsonl/.csv/.parquet file"
+        if kind == "dataset"
+        else (
+            "model.name at a local model directory or .gguf file (or use the offline default "
+            "smollm2-135m-instruct)"
+        )
     )
     return (
         f"If the {kind} is gated, accept its licence at {page} and provide a token (set HF_TOKEN or run "
@@ -59,10 +66,14 @@ def _advice(repo: str, kind: str) -> str:
 
 
 def unreachable_error(repo: str, kind: str) -> HubError:
-    why = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline_mode() else (
-        f"the hub at {hub_endpoint()} cannot be reached from this machine (no network?)"
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache"
+        if offline_mode()
+        else (f"the hub at {hub_endpoint()} cannot be reached from this machine (no network?)")
     )
-    return HubError(f"Could not download the {kind} '{repo}' from the Hugging Face hub: {why}. {_advice(repo, kind)}")
+    return HubError(
+        f"Could not download the {kind} '{repo}' from the Hugging Face hub: {why}. {_advice(repo, kind)}"
+    )
 
 
 def explain(exc: BaseException, repo: str, kind: str) -> HubError:
@@ -92,7 +103,9 @@ def explain(exc: BaseException, repo: str, kind: str) -> HubError:
         if isinstance(err, (hf_errors.LocalEntryNotFoundError, ConnectionError)):
             return unreachable_error(repo, kind)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return HubError(f"Could not load the {kind} '{repo}' from the Hugging Face hub: {first}. {_advice(repo, kind)}")
+    return HubError(
+        f"Could not load the {kind} '{repo}' from the Hugging Face hub: {first}. {_advice(repo, kind)}"
+    )
 
 
 def require_hub(repo: str, kind: str) -> None:

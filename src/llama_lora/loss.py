@@ -33,7 +33,9 @@ class ResponseLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         decoder, lm_head = self._parts()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         picked = hidden[:, :-1][keep]  # (n_labelled, hidden)
@@ -49,5 +51,9 @@ def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     """The same quantity through the model's own forward (full logits); used by tests to check ours."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )

@@ -53,7 +53,9 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(name, "gguf", "", gguf=path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"model.name: {name} is a directory but has no config.json (not a model directory)")
+            raise ModelError(
+                f"model.name: {name} is a directory but has no config.json (not a model directory)"
+            )
         return ModelRef(name, "local", str(path.resolve()))
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model.name: {name} is neither a model directory, a .gguf file, nor a hub id")
@@ -104,7 +106,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # The weights are now plain float32; drop the GGUF quantization marker so it trains and saves.
         model.hf_quantizer = None
         model.is_quantized = False

@@ -1,12 +1,12 @@
 """Run-directory layout, metrics.jsonl, summaries and atomic writes. No ML logic.
 
-    <output.dir>/
-      config.yaml          resolved config (no secrets)
-      adapter/             PEFT adapter + tokenizer files (written atomically)
-      checkpoints/         checkpoint-<step>/ (adapter + optimizer state, safetensors)
-      metrics.jsonl        one JSON object per logging/eval step
-      train_summary.json   the run's key figures
-      loss.png             train and eval loss curves
+<output.dir>/
+  config.yaml          resolved config (no secrets)
+  adapter/             PEFT adapter + tokenizer files (written atomically)
+  checkpoints/         checkpoint-<step>/ (adapter + optimizer state, safetensors)
+  metrics.jsonl        one JSON object per logging/eval step
+  train_summary.json   the run's key figures
+  loss.png             train and eval loss curves
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training: set-up, then one readable loop on accelerate.
 
-    load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
-    loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
+load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
+loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def load_dataset(cfg: Config, tokenizer) -> Dataset:
     if not train_rows:
         raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
     train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
-    eval_ex, estats = data.prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
+    eval_ex, estats = data.prepare(
+        eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)"
+    )
     if not train_ex:
         raise DataError(
             f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
@@ -165,26 +167,38 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     initial = run / ".adapter-init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
     peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial)
     n_train, n_total = adapters.trainable_parameters(peft_model)
-    say(f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
-        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}); device {device}, precision {precision}")
+    say(
+        f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
+        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}); device {device}, precision {precision}"
+    )
 
     accelerator = build_accelerator(device, precision)
     loss_fn = ResponseLoss(peft_model)
     params = [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                  fused=cfg.train.optim == "adamw_torch_fused" or None)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay,
+        fused=cfg.train.optim == "adamw_torch_fused" or None,
+    )
     plan, per_epoch = micro_batch_plan(ds, cfg)
     accum = cfg.train.grad_accum
     steps = [plan[i : i + accum] for i in range(0, len(plan), accum)]
-    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
-                              num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
-                              num_training_steps=len(steps))
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
+        num_training_steps=len(steps),
+    )
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     dev = accelerator.device
     pad = pad_id_for(tokenizer)
-    eval_batches = [collate([ds.eval[i] for i in b], pad)
-                    for b in plan_batches([len(e) for e in ds.eval], cfg.train.batch_size,
-                                          cfg.train.max_batch_tokens, seed=0, shuffle=False)]
+    eval_batches = [
+        collate([ds.eval[i] for i in b], pad)
+        for b in plan_batches(
+            [len(e) for e in ds.eval], cfg.train.batch_size, cfg.train.max_batch_tokens, seed=0, shuffle=False
+        )
+    ]
     metrics = run_dir.MetricsLog(run / "metrics.jsonl")
 
     eval_before = evaluate(loss_fn, eval_batches, dev)
@@ -214,8 +228,10 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             if not math.isfinite(step_loss):
                 good = run_dir.checkpoint_dirs(run)
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
-                raise TrainingError(f"training loss became {step_loss} at step {step}; stopped ({kept}). "
-                                    "Lower train.learning_rate or check the data.")
+                raise TrainingError(
+                    f"training loss became {step_loss} at step {step}; stopped ({kept}). "
+                    "Lower train.learning_rate or check the data."
+                )
             if cfg.train.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
@@ -233,9 +249,15 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             reporter.update(step, last_loss, tokens_seen / train_time)
 
             if step % cfg.train.logging_steps == 0 or step == len(steps):
-                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": window_loss / window_labels,
-                               "learning_rate": scheduler.get_last_lr()[0],
-                               "tokens_per_second": window_tokens / window_time})
+                metrics.write(
+                    {
+                        "step": step,
+                        "epoch": round(epoch, 4),
+                        "loss": window_loss / window_labels,
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "tokens_per_second": window_tokens / window_time,
+                    }
+                )
                 window_loss, window_labels, window_tokens, window_time = 0.0, 0, 0, 0.0
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != len(steps):
                 eval_loss = evaluate(loss_fn, eval_batches, dev)

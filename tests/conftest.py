@@ -1,0 +1,97 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random-weight Llama built around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors directory (converted once into the cache)."""
+    from llama_lora import models
+
+    return Path(models.local_path(models.resolve("smollm2-135m-instruct"), log=lambda *a: None))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template; trains in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    rows = [
+        {"instruction": f"Say the number {i} in words.", "input": "", "output": f"The number is {i}."}
+        for i in range(24)
+    ] + [{"instruction": "Repeat the text.", "input": f"hello {i}", "output": f"hello {i}"} for i in range(8)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_overrides(model_dir: Path, data: Path | str, out: Path, **extra) -> list[str]:
+    items = {
+        "model.name": str(model_dir),
+        "data.source": str(data),
+        "data.max_length": 128,
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.logging_steps": 1,
+        "train.save_steps": None,
+        "train.precision": "fp32",
+        "train.learning_rate": 1e-3,
+        "peft.r": 4,
+        "peft.lora_alpha": 8,
+        "peft.lora_dropout": 0.0,
+        "output.dir": str(out),
+    }
+    items.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in items.items()]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llama_lora", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,103 @@
+"""Model resolution, GGUF conversion, hub errors, device and precision policy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from llama_lora import hub, models
+from llama_lora.errors import ConfigError, HubError, ModelError
+
+from .conftest import run_cli
+
+
+def test_resolve_kinds(tmp_path, tiny_model_dir):
+    assert models.resolve("meta-llama/Llama-3.2-1B-Instruct").kind == "hub"
+    assert models.resolve(str(tiny_model_dir)).kind == "local"
+    assert models.resolve("smollm2-135m-instruct").kind == "embedded"
+    with pytest.raises(ModelError, match="no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(ModelError, match="not found"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+
+
+def test_embedded_model_converts_to_a_plain_trainable_model(smollm2_dir):
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert (smollm2_dir / "chat_template.jinja").is_file() or "chat_template" in (
+        smollm2_dir / "tokenizer_config.json"
+    ).read_text()
+
+
+def test_gguf_path_is_cached_under_llama_lora_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_LORA_CACHE", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+
+
+def test_offline_hub_fails_fast_with_one_clear_paragraph(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(HubError) as info:
+        hub.require_hub("meta-llama/Llama-3.2-1B-Instruct", "model")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "meta-llama/Llama-3.2-1B-Instruct" in message and "HF_TOKEN" in message and "\n" not in message
+
+
+def test_gated_and_missing_repos_are_explained():
+    from huggingface_hub import errors
+
+    class Response:
+        status_code = 401
+        headers: dict = {}
+        request = None
+
+    gated = errors.GatedRepoError("401 Client Error", response=Response())
+    wrapped = OSError("You are trying to access a gated repo.")
+    wrapped.__cause__ = gated
+    message = str(hub.explain(wrapped, "org/m", "model"))
+    assert "refused" in message and "accept its licence" in message
+    Response.status_code = 404
+    missing = OSError("not found")
+    missing.__cause__ = errors.RepositoryNotFoundError("404", response=Response())
+    assert "does not exist" in str(hub.explain(missing, "org/m", "model"))
+
+
+def test_seed_preset_offline_fails_fast_without_traceback():
+    start = time.perf_counter()
+    result = run_cli("train", "--preset", "seed", env={"HF_HUB_OFFLINE": "0"})
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "meta-llama/Llama-3.2-1B-Instruct" in result.stderr and "Hugging Face hub" in result.stderr
+    assert elapsed < 30
+
+
+def test_precision_policy(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.resolve_precision("cuda", "auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.resolve_precision("cuda", "auto") == "fp16"  # never both
+    assert models.resolve_precision("mps", "auto") == "fp32"
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_precision("cpu", "auto") == "bf16"
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.resolve_precision("cpu", "auto") == "fp32"
+    with pytest.raises(ConfigError, match="train.precision"):
+        models.resolve_precision("cpu", "fp16")
+
+
+def test_device_auto_detection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert models.resolve_device("auto") == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert models.resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="train.device"):
+        models.resolve_device("cuda")

@@ -1,0 +1,173 @@
+"""End to end on the tiny model: artifacts, plain-PEFT reload, loss computed like the model's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llama_lora import loss as loss_mod
+from llama_lora.batching import collate
+from llama_lora.config import load_config
+from llama_lora.train import train
+
+from .conftest import run_cli, tiny_overrides
+
+
+def _probe_batch(tokenizer):
+    ids = tokenizer("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+    return ids["input_ids"], ids["attention_mask"]
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_train_writes_artifacts_and_adapter_reloads_in_plain_peft(
+    tmp_path, tiny_model_dir, alpaca_file, tokenizer, use_dora
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=tiny_overrides(
+            tiny_model_dir,
+            alpaca_file,
+            out,
+            **{"peft.use_dora": use_dora, "train.max_steps": 6, "train.save_steps": 3, "train.eval_steps": 2},
+        )
+    )
+    result = train(cfg, quiet=True)
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "train_summary.json",
+        "loss.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "checkpoints/checkpoint-3/adapter/adapter_model.safetensors",
+        "checkpoints/checkpoint-3/optimizer.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    assert load_config(out / "config.yaml") == cfg
+    summary = json.loads((out / "train_summary.json").read_text())
+    for key in (
+        "train_loss",
+        "eval_loss",
+        "eval_loss_before",
+        "runtime_s",
+        "train_tokens",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "device",
+        "precision",
+        "model",
+        "train_rows",
+    ):
+        assert summary[key] is not None, key
+    assert summary["method"] == ("dora" if use_dora else "lora")
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert all({"epoch", "learning_rate", "tokens_per_second"} <= set(r) for r in train_records)
+
+    adapter_cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter_cfg["use_dora"] is use_dora and adapter_cfg["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    trained = result.model.eval()
+    ids, mask = _probe_batch(tokenizer)
+    with torch.no_grad():
+        expected = trained(input_ids=ids, attention_mask=mask).logits
+        got = reloaded(input_ids=ids, attention_mask=mask).logits
+        with reloaded.disable_adapter():
+            untouched = reloaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - untouched).abs().max() > 1e-4  # the adapter changes the model: the test could fail
+
+
+def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from llama_lora.data import tokenize
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    examples = [
+        tokenize([("Question one?", False), ("Answer" + tokenizer.eos_token, True)], tokenizer),
+        tokenize([("Q2", False), ("A much longer answer here" + tokenizer.eos_token, True)], tokenizer),
+    ]
+    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours, n = loss_mod.ResponseLoss(model)(**batch)
+        theirs = loss_mod.reference_loss(model, batch)
+    assert n == sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path, tiny_model_dir, alpaca_file):
+    """Token-normalised accumulation: 2 micro-batches x accum 2 == 1 batch of 4 (same rows, same order)."""
+    common = {
+        "train.max_steps": 1,
+        "train.max_batch_tokens": None,
+        "peft.use_dora": False,
+        "train.lr_scheduler": "constant",
+        "train.warmup_ratio": 0.0,
+        "data.eval_fraction": 0.0,
+        "data.max_rows": 4,
+    }
+    big = train(
+        load_config(
+            overrides=tiny_overrides(
+                tiny_model_dir, alpaca_file, tmp_path / "a", **common, **{"train.batch_size": 4}
+            )
+        ),
+        quiet=True,
+    )
+    small = train(
+        load_config(
+            overrides=tiny_overrides(
+                tiny_model_dir,
+                alpaca_file,
+                tmp_path / "b",
+                **common,
+                **{"train.batch_size": 2, "train.grad_accum": 2},
+            )
+        ),
+        quiet=True,
+    )
+    from peft import get_peft_model_state_dict
+
+    a, b = get_peft_model_state_dict(big.model), get_peft_model_state_dict(small.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir, alpaca_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("train", *tiny_overrides(tiny_model_dir, alpaca_file, out))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_seed_preset_with_a_local_model_trains(tmp_path, tiny_model_dir, alpaca_file):
+    """The seed's recipe (alpaca template, batch 1 x accum 8, checkpointing, DoRA) on a local Llama dir."""
+    out = tmp_path / "seed-run"
+    result = run_cli(
+        "train",
+        "--preset",
+        "seed",
+        "--quiet",
+        f"model.name={tiny_model_dir}",
+        f"data.source={alpaca_file}",
+        "data.split=train",
+        "train.max_steps=2",
+        "train.precision=fp32",
+        f"output.dir={out}",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["template"] == "alpaca" and summary["method"] == "dora"
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["use_dora"] is True
