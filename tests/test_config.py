@@ -160,3 +160,11 @@ def test_every_example_config_loads():
     assert examples, "examples/ should hold at least one config"
     for path in examples:
         load_config(path)
+
+
+def test_docs_describe_every_key():
+    """docs/config.md is the reference: every key of the config must appear there."""
+    text = (ROOT / "docs" / "config.md").read_text()
+    for section, fields in Config().model_dump().items():
+        for name in fields:
+            assert f"`{section}.{name}`" in text, f"{section}.{name} missing from docs/config.md"

@@ -101,3 +101,29 @@ def test_device_auto_detection(monkeypatch):
     assert models.resolve_device("auto") == "cpu"
     with pytest.raises(ConfigError, match="train.device"):
         models.resolve_device("cuda")
+
+
+def test_hub_dataset_offline_is_a_clear_error(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = run_cli(
+        "train",
+        f"model.name={tiny_model_dir}",
+        "data.source=tatsu-lab/alpaca",
+        f"output.dir={out}",
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "dataset 'tatsu-lab/alpaca'" in result.stderr and "data.source" in result.stderr
+    assert not out.exists()
+
+
+def test_a_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_LORA_CACHE", str(tmp_path))
+    gguf = models.embedded_gguf("smollm2-135m-instruct")
+    ref = models.resolve(str(gguf))
+    assert ref.kind == "gguf"
+    path = models.local_path(ref, log=lambda *a: None)
+    assert path.startswith(str(tmp_path / "models"))
+    config = json.loads((tmp_path / "models" / path.rsplit("/", 1)[-1] / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert models.local_path(ref, log=lambda *a: 1 / 0) == path  # cached: no second conversion

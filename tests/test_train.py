@@ -171,3 +171,28 @@ def test_seed_preset_with_a_local_model_trains(tmp_path, tiny_model_dir, alpaca_
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["template"] == "alpaca" and summary["method"] == "dora"
     assert json.loads((out / "adapter/adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora"])
+def test_pissa_and_olora_adapters_apply_to_the_original_base(
+    tmp_path, tiny_model_dir, alpaca_file, tokenizer, init
+):
+    """PiSSA/OLoRA rewrite the base weights in memory; the saved adapter must still fit the original base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=tiny_overrides(
+            tiny_model_dir, alpaca_file, out, **{"peft.use_dora": False, "peft.init_lora_weights": init}
+        )
+    )
+    result = train(cfg, quiet=True)
+    assert not (out / ".init").exists()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ids, mask = _probe_batch(tokenizer)
+    with torch.no_grad():
+        expected = result.model.eval()(input_ids=ids, attention_mask=mask).logits
+        got = reloaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -28,7 +28,7 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save(run: Path, step: int, peft_model, optimizer, scheduler, tokenizer=None, initial_dir=None) -> Path:
+def save(run: Path, step: int, peft_model, optimizer, scheduler) -> Path:
     target = run / "checkpoints" / f"checkpoint-{step}"
     with run_dir.atomic_dir(target) as tmp:
         # the raw (unconverted) adapter: resuming continues from exactly this state

@@ -164,7 +164,9 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    initial = run / ".adapter-init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
+    initial = (
+        run / ".init" / "adapter_init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
+    )
     peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial)
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
@@ -264,7 +266,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
                 metrics.write({"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss})
                 reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step != len(steps):
-                checkpoint.save(run, step, peft_model, optimizer, scheduler, tokenizer, initial)
+                checkpoint.save(run, step, peft_model, optimizer, scheduler)
                 run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
 
     eval_after = evaluate(loss_fn, eval_batches, dev)
@@ -274,7 +276,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     if initial is not None:
         import shutil
 
-        shutil.rmtree(initial, ignore_errors=True)
+        shutil.rmtree(initial.parent, ignore_errors=True)
 
     train_losses = [r["loss"] for r in metrics.records if r.get("loss") is not None]
     summary = {
