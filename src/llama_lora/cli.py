@@ -88,6 +88,218 @@ def train(
     )
 
 
+AdapterOpt = Annotated[
+    str | None, typer.Option("--adapter", "-a", help="Run directory or adapter directory.")
+]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        "--model",
+        "-m",
+        help="Base model (hub id, directory, .gguf, alias) or a merged "
+        "model directory; with --adapter it overrides the base recorded in the run.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
+
+
+def _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed):
+    from llama_lora.generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        greedy=not sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+
+
+@app.command()
+def infer(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
+    adapter: AdapterOpt = None,
+    base: BaseOpt = None,
+    prompts_file: Annotated[
+        str | None, typer.Option(help="JSONL/JSON/CSV rows in any training format.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="JSONL for --prompts-file results (default: stdout).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+    ] = False,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    top_k: Annotated[int, typer.Option(min=0)] = 50,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: int = 0,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = False,
+    template: Annotated[
+        str | None, typer.Option(help="Override the prompt template (chat or alpaca).")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
+    _quiet_libraries()
+    from llama_lora import generate as gen
+
+    settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
+    if prompts_file:
+        rows = gen.prompt_rows(prompts_file)
+    elif prompt is None:
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise ConfigError("infer: no prompt given (argument, stdin or --prompts-file)")
+    loaded = gen.load(base=base, adapter=adapter, device=device, template=template, log=err.print)
+    if not prompts_file:
+        messages = [{"role": "user", "content": prompt}]
+        if stream:
+            gen.generate(loaded, messages, settings, stream=gen.stdout_writer)
+            sys.stdout.write("\n")
+        else:
+            out.print(gen.generate(loaded, messages, settings).text, markup=False, highlight=False)
+        return
+    import json
+
+    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        for i, row in enumerate(rows):
+            try:
+                messages, reference = gen.row_prompt(row)
+            except (ValueError, LlamaLoraError) as exc:
+                raise ConfigError(f"--prompts-file: {prompts_file}: row {i}: {exc}") from None
+            result = gen.generate(loaded, messages, settings)
+            record = {"prompt": messages[-1]["content"], "generation": result.text, "stopped": result.stopped}
+            if reference is not None:
+                record["reference"] = reference
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+    finally:
+        if output:
+            sink.close()
+    if output:
+        err.print(f"wrote {len(rows)} generations to {output}")
+
+
+@app.command()
+def chat(
+    adapter: AdapterOpt = None,
+    base: BaseOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    sample: Annotated[bool, typer.Option("--sample/--greedy")] = True,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
+    _quiet_libraries()
+    from llama_lora import generate as gen
+
+    settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
+    loaded = gen.load(base=base, adapter=adapter, device=device, log=err.print)
+    if system:
+        loaded.system_prompt = system
+    err.print(f"chatting with {loaded.description} ({loaded.template} template). /reset clears, /exit quits.")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            err.print("(history cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("assistant> ")
+        try:
+            reply = gen.generate(loaded, history, settings, stream=gen.stdout_writer)
+        except LlamaLoraError as exc:  # e.g. the conversation outgrew the context: keep the session
+            history.pop()
+            err.print(f"\nerror: {exc} (use /reset)", markup=False)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply.text})
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Argument(help="Run directory or adapter directory.")],
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="Merged model directory (default RUN_DIR/merged).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto (the base's dtype), float32, bfloat16 or float16.")
+    ] = "auto",
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fold the adapter into the base weights, verify merged == unmerged, write merge_report.json."""
+    _quiet_libraries()
+    from llama_lora.merge import merge as run_merge
+
+    report = run_merge(adapter, out=out_dir, dtype=dtype, base=base, device=device, log=err.print)
+    out.print(
+        f"merged model in {report['merged_dir']} ({report['dtype']}): max |logit diff| "
+        f"{report['max_abs_logit_diff']:.2e}, greedy agreement {report['greedy_token_agreement']:.0%}; "
+        f"report in {report['merged_dir']}/merge_report.json"
+    )
+
+
+@app.command()
+def compare(
+    adapter: Annotated[str, typer.Argument(help="Run directory or adapter directory.")],
+    data_file: Annotated[
+        str | None, typer.Option("--data", help="Held-out rows (default: the run's eval split).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of prompts.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    base: BaseOpt = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Where reports go (default: the run directory).")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Base model vs adapter on held-out prompts: loss, perplexity, ROUGE-L, probe; writes report.html."""
+    _quiet_libraries()
+    from rich.table import Table
+
+    from llama_lora.compare import compare as run_compare
+    from llama_lora.report import metric_rows
+
+    result = run_compare(
+        adapter,
+        data_file=data_file,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        base=base,
+        device=device,
+        out_dir=out_dir,
+        log=err.print,
+    )
+    table = Table(title=f"base vs adapter on {result['n']} held-out prompts")
+    for col in ("metric", "base", "adapter", ""):
+        table.add_column(col, justify="right" if col in ("base", "adapter") else "left")
+    for label, b, a, verdict in metric_rows(result):
+        table.add_row(label, f"{b:.4f}", f"{a:.4f}", verdict)
+    out.print(table)
+    out.print("reports: " + ", ".join(result["files"]))
+
+
 @config_app.command("show")
 def config_show(args: Args = None, preset: Preset = None) -> None:
     """Print the resolved configuration as YAML (defaults <- preset <- file <- overrides)."""

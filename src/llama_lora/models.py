@@ -158,6 +158,16 @@ def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = Non
     return model
 
 
+def stored_dtype(mcfg: ModelConfig, ref: ModelRef | None = None) -> str:
+    """The dtype the model's weights are stored in ('float32', 'bfloat16', ...), from its config."""
+    from transformers import AutoConfig
+
+    ref = ref or resolve(mcfg.name)
+    config = _from_pretrained(AutoConfig.from_pretrained, ref, "config", mcfg)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
 # ------------------------------------------------------------------------------- device and precision
 
 

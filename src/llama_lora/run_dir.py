@@ -97,7 +97,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+def plot_losses(records: list[dict[str, Any]], path, title: str = "") -> None:
     """loss.png: train loss per logging step and eval loss at each evaluation."""
     import matplotlib
 
@@ -117,7 +117,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llama_lora import adapters, checkpoint, data, models, run_dir
+from llama_lora import adapters, checkpoint, data, meta, models, run_dir
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
@@ -159,6 +159,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     set_seed(cfg.train.seed)
     model = models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
     adapters.check_targets(model, cfg.peft.target_modules)
+    fingerprint = meta.base_fingerprint(model)
     run = run_dir.prepare(Path(cfg.output.dir), overwrite)  # nothing is written before this point
     (run / "config.yaml").write_text(cfg.to_yaml())
 
@@ -273,6 +274,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     metrics.write({"step": len(steps), "epoch": round(micro_done / per_epoch, 4), "eval_loss": eval_after})
     with run_dir.atomic_dir(run / "adapter") as tmp:
         adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
+        meta.write_meta(tmp, cfg.model_dump(mode="json"), ds.template, fingerprint)
     if initial is not None:
         import shutil
 

@@ -1,0 +1,147 @@
+"""Base model vs adapter on the same held-out prompts (the seed's baseline_inference.py, done properly).
+
+Both sides use one loaded model: the adapter switched off is exactly the base model (PiSSA/OLoRA adapters
+are saved converted, so this holds for them too). Metrics per side: eval loss and perplexity on the
+response tokens, ROUGE-L against the references, generation length, how often generation stopped on its
+own, and the dataset's behaviour probe when it declares one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import data, generate, report, run_dir
+from llama_lora.batching import collate, pad_id_for, plan_batches
+from llama_lora.errors import LlamaLoraError
+from llama_lora.loss import ResponseLoss
+
+
+class CompareError(LlamaLoraError):
+    pass
+
+
+def held_out_rows(src: generate.AdapterSource, data_file: str | None) -> tuple[list[dict], str, dict | None]:
+    """The run's eval split (or `data_file`), a label for it, and the dataset's behaviour probe."""
+    if data_file:
+        return data.load_rows(data_file, "train"), data_file, data.load_probe(data_file)
+    if src.cfg is None:
+        raise CompareError("compare: this adapter has no run config to find its eval split; pass --data FILE")
+    from llama_lora.train import split_rows
+
+    _, held = split_rows(src.cfg)
+    if not held:
+        raise CompareError(
+            "compare: the run held out no eval rows (data.eval_fraction 0, no eval_split); pass --data FILE"
+        )
+    return (
+        held,
+        f"{src.cfg.data.source} ({src.cfg.data.eval_split or 'eval_fraction'})",
+        data.load_probe(src.cfg.data.source),
+    )
+
+
+@torch.no_grad()
+def eval_loss(loaded: generate.Loaded, examples: list[data.Example]) -> float:
+    loss_fn = ResponseLoss(loaded.model).eval()
+    pad = pad_id_for(loaded.tokenizer)
+    total, count = 0.0, 0
+    for batch_ids in plan_batches([len(e) for e in examples], 8, 4096, seed=0, shuffle=False):
+        batch = {k: v.to(loaded.device) for k, v in collate([examples[i] for i in batch_ids], pad).items()}
+        s, n = loss_fn(**batch)
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return statistics.fmean(scores) if scores else 0.0
+
+
+def side_metrics(loaded, examples, prompts, references, probe, settings) -> dict[str, Any]:
+    loss = eval_loss(loaded, examples)
+    generations = generate.generate_many(loaded, prompts, settings)
+    texts = [g.text for g in generations]
+    out = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "rouge_l": rouge_l(texts, references),
+        "mean_generated_tokens": statistics.fmean(len(g.token_ids) for g in generations),
+        "stop_rate": sum(g.stopped for g in generations) / len(generations),
+        "generations": texts,
+    }
+    if probe:
+        pattern = re.compile(probe["pattern"])
+        out["probe_rate"] = sum(bool(pattern.search(t)) for t in texts) / len(texts)
+    return out
+
+
+def compare(
+    adapter: str,
+    data_file: str | None = None,
+    n: int = 32,
+    max_new_tokens: int = 96,
+    base: str | None = None,
+    device: str = "auto",
+    out_dir: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    loaded = generate.load(base=base, adapter=adapter, device=device, log=log)
+    src = loaded.source
+    assert src is not None
+    rows, label, probe = held_out_rows(src, data_file)
+    rows = rows[:n]
+    prompts, references = [], []
+    dcfg = src.cfg.data if src.cfg else None
+    for row in rows:
+        messages, reference = generate.row_prompt(row)
+        if reference is None:
+            raise CompareError(f"compare: {label} has rows without a reference response")
+        prompts.append(messages)
+        references.append(reference)
+    from llama_lora.config import DataConfig
+
+    examples, _ = data.prepare(rows, loaded.tokenizer, dcfg or DataConfig(), loaded.template, where=label)
+    settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
+
+    log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
+    adapter_side = side_metrics(loaded, examples, prompts, references, probe, settings)
+    log("... and the base model (adapter switched off)")
+    loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
+    with loaded.model.disable_adapter():
+        base_side = side_metrics(loaded, examples, prompts, references, probe, settings)
+
+    target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
+    result = {
+        "adapter": str(src.adapter_dir),
+        "base_model": src.base_name,
+        "data": label,
+        "n": len(rows),
+        "max_new_tokens": max_new_tokens,
+        "probe": probe,
+        "base": {k: v for k, v in base_side.items() if k != "generations"},
+        "adapter_metrics": {k: v for k, v in adapter_side.items() if k != "generations"},
+        "examples": [
+            {"prompt": p[-1]["content"], "reference": r, "base": b, "adapter": a}
+            for p, r, b, a in zip(prompts, references, base_side["generations"], adapter_side["generations"])
+        ],
+        "runtime_s": round(time.perf_counter() - start, 2),
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text_atomic(target / "compare.json", json.dumps(result, indent=2) + "\n")
+    metrics = run_dir.read_metrics(src.run_dir / "metrics.jsonl") if src.run_dir else []
+    run_dir.write_text_atomic(target / "report.md", report.markdown(result))
+    run_dir.write_text_atomic(target / "report.html", report.html(result, metrics))
+    result["files"] = [str(target / f) for f in ("compare.json", "report.md", "report.html")]
+    return result
