@@ -18,8 +18,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# The seed's whole flow on the embedded model: train (DoRA) -> compare with the base -> merge -> infer.
 demo: $(STAMP)
-	$(BIN)/llama-lora demo
+	$(BIN)/llama-lora train --preset demo --overwrite
+	$(BIN)/llama-lora compare runs/demo --n 48
+	$(BIN)/llama-lora merge runs/demo
+	$(BIN)/llama-lora infer --base runs/demo/merged "Who are you, and what is the capital of Japan?"
+	@echo "demo artifacts: runs/demo (adapter/, report.html, report.md, loss.png), merged model in runs/demo/merged"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -121,7 +121,7 @@ def load_probe(source: str) -> dict[str, Any] | None:
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    keys = set(row)
+    keys = {k for k, v in row.items() if v is not None}  # datasets fills absent columns with None
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if "messages" in keys or "conversations" in keys:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from llama_lora import data, models
-from llama_lora.meta import base_fingerprint, read_meta
 from llama_lora.config import Config, ModelConfig, load_config
 from llama_lora.errors import LlamaLoraError, ModelError
+from llama_lora.meta import base_fingerprint, read_meta
 
 
 class InferenceError(LlamaLoraError):
