@@ -105,6 +105,29 @@ def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tokenizer):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
+def test_response_loss_gradients_match_the_full_logits_path(tiny_model_dir, tokenizer, monkeypatch):
+    """The chunked, checkpointed loss gives the same gradients as the plain full-logits loss."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_lora.data import tokenize
+
+    monkeypatch.setattr(loss_mod, "CHUNK", 4)  # force several chunks
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    examples = [
+        tokenize([("Q", False), ("An answer of several tokens" + tokenizer.eos_token, True)], tokenizer)
+    ]
+    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+    ours, _ = loss_mod.ResponseLoss(model)(**batch)
+    ours.backward()
+    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss_mod.reference_loss(model, batch).backward()
+    theirs = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert mine.keys() == theirs.keys() and len(mine) > 5
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_grad_accum_matches_one_big_batch(tmp_path, tiny_model_dir, alpaca_file):
     """Token-normalised accumulation: 2 micro-batches x accum 2 == 1 batch of 4 (same rows, same order)."""
     common = {
