@@ -74,6 +74,10 @@ def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None)
 
     check_targets(model, pcfg.target_modules)
     peft_model = get_peft_model(model, lora_config(pcfg, device))
+    if pcfg.use_dora and pcfg.fast_dora:
+        from llama_lora.fast_dora import enable_fast_dora
+
+        enable_fast_dora(peft_model)
     if converts_on_save(pcfg.init_lora_weights):
         if initial_dir is None:
             raise ValueError("PiSSA/OLoRA need a directory for the initial adapter")

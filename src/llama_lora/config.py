@@ -67,6 +67,8 @@ class PeftConfig(Section):
     """true (Kaiming A, zero B), false, gaussian, pissa, pissa_niter_<n>, olora."""
     ephemeral_gpu_offload: bool = False
     """PEFT's LoraRuntimeConfig(ephemeral_gpu_offload=...): only meaningful on CUDA."""
+    fast_dora: bool = True
+    """Train DoRA with llama-lora's forward (same results, no second W·x; see docs/dora.md); false = PEFT's."""
 
     @field_validator("target_modules")
     @classmethod
