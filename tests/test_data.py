@@ -50,9 +50,17 @@ def test_prompt_completion_and_text():
 
 def test_alpaca_template_is_the_seeds_layout_and_drops_empty_input():
     with_input = data.to_messages({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca")
-    assert data.alpaca_prompt(with_input) == "### Instruction:\nSum\n### Input:\n1 2\n### Response:\n"
+    assert data.alpaca_prompt(with_input[:-1]) == "### Instruction:\nSum\n### Input:\n1 2\n### Response:\n"
     no_input = data.to_messages({"instruction": "Sum", "input": "", "output": "3"}, "alpaca")
-    assert data.alpaca_prompt(no_input) == "### Instruction:\nSum\n### Response:\n"
+    assert data.alpaca_prompt(no_input[:-1]) == "### Instruction:\nSum\n### Response:\n"
+    history = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert data.alpaca_prompt(history) == (
+        "### Instruction:\na\n### Response:\nb\n### Instruction:\nc\n### Response:\n"
+    )
 
 
 def test_alpaca_segments_end_with_eos(tokenizer):

@@ -162,3 +162,43 @@ def test_compare_writes_reports(runs, tmp_path):
     html = (runs["lora"] / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "http" not in html.replace("http-equiv", "")
     assert "| eval loss" in (runs["lora"] / "report.md").read_text()
+
+
+def test_chat_keeps_history_and_obeys_reset_and_exit(runs):
+    import os
+    import subprocess
+    import sys
+
+    session = "Count to 2.\nAnd now to 3?\n/reset\nCount to 1.\n/exit\nnever read\n"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_lora",
+            "chat",
+            "--adapter",
+            str(runs["lora"]),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+        ],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 3
+    assert "(history cleared)" in result.stderr
+
+
+def test_merge_over_tolerance_fails_and_writes_no_model(runs, tmp_path, monkeypatch):
+    from llama_lora import merge as merge_mod
+
+    monkeypatch.setitem(merge_mod.TOLERANCE, "float32", -1.0)  # nothing can pass
+    target = tmp_path / "merged"
+    with pytest.raises(merge_mod.MergeError, match="merge check failed"):
+        merge_mod.merge(str(runs["lora"]), out=target, log=lambda *a: None)
+    assert not target.exists() and not list(tmp_path.glob(".merged.tmp-*"))
+    assert json.loads((tmp_path / "merged.merge_report.json").read_text())["passed"] is False

@@ -206,22 +206,22 @@ def choose_template(tokenizer, requested: str) -> str:
 def alpaca_prompt(messages: list[Message]) -> str:
     """The seed's layout: `### Instruction:` / optional `### Input:` / `### Response:` on their own lines.
 
-    A user turn written as `instruction\\n\\ninput` (how alpaca rows become messages) is split back into
-    the Instruction and Input blocks; the Input block is left out when there is no input.
+    `messages` is everything before the response: optional system, then user (and, in a chat, earlier
+    assistant) turns. A user turn written as `instruction\\n\\ninput` (how alpaca rows become messages) is
+    split back into the Instruction and Input blocks; the Input block is left out when there is no input.
+    Earlier turns of a conversation are rendered as earlier Instruction/Response blocks.
     """
-    system = next((m["content"] for m in messages if m["role"] == "system"), None)
-    user = [m["content"] for m in messages if m["role"] == "user"]
-    if len(user) != 1 or any(m["role"] == "assistant" for m in messages[:-1] if m is not messages[-1]):
-        if sum(m["role"] == "assistant" for m in messages) > 1:
-            raise ValueError(
-                "the alpaca template holds one instruction and one response (use template: chat)"
-            )
-    instruction, _, extra = (user[0] if user else "").partition("\n\n")
-    head = f"{system}\n\n" if system else ""
-    text = f"{head}### Instruction:\n{instruction}\n"
-    if extra:
-        text += f"### Input:\n{extra}\n"
-    return text + "### Response:\n"
+    text = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
+    for m in messages:
+        if m["role"] == "user":
+            instruction, _, extra = m["content"].partition("\n\n")
+            text += f"### Instruction:\n{instruction}\n"
+            if extra:
+                text += f"### Input:\n{extra}\n"
+            text += "### Response:\n"
+        elif m["role"] == "assistant":
+            text += f"{m['content']}\n"
+    return text
 
 
 def _apply_chat(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
@@ -247,9 +247,9 @@ def render_segments(messages: list[Message], tokenizer, template: str) -> list[t
     eos = tokenizer.eos_token or ""
     if messages and messages[0]["role"] == "text":
         return [(messages[0]["content"] + eos, True)]
-    if template == "alpaca":
-        prompt = alpaca_prompt(messages)
+    if template == "alpaca":  # one trained response: the last one
         answer = reference_answer(messages)
+        prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
         return [(prompt, False)] + ([(answer + eos, True)] if answer is not None else [])
 
     segments: list[tuple[str, bool]] = []
