@@ -168,3 +168,12 @@ def test_docs_describe_every_key():
     for section, fields in Config().model_dump().items():
         for name in fields:
             assert f"`{section}.{name}`" in text, f"{section}.{name} missing from docs/config.md"
+
+
+def test_auto_token_budget_depends_on_the_device():
+    from llama_lora.train import batch_tokens
+
+    cfg = load_config()
+    assert batch_tokens(cfg, "cpu") == 1024 and batch_tokens(cfg, "cuda") == 8192
+    assert batch_tokens(load_config(overrides=["train.max_batch_tokens=300"]), "cuda") == 300
+    assert batch_tokens(load_config(overrides=["train.max_batch_tokens=null"]), "cpu") is None

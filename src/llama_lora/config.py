@@ -92,8 +92,9 @@ class TrainConfig(Section):
     """Optimizer steps; when set it overrides `epochs`."""
     batch_size: int = Field(8, gt=0)
     """Rows per micro-batch at most; `max_batch_tokens` may make a batch smaller."""
-    max_batch_tokens: int | None = Field(4096, gt=0)
-    """Token budget of one micro-batch (rows x padded length). Bounds memory; see docs/memory.md."""
+    max_batch_tokens: int | Literal["auto"] | None = "auto"
+    """Token budget of one micro-batch (rows x padded length). Bounds memory; see docs/memory.md.
+    `auto` = 1024 on CPU/MPS (measured fastest here, and ~3 MB of activations per token), 8192 on CUDA."""
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -110,6 +111,13 @@ class TrainConfig(Section):
     """Evaluate every N optimizer steps (always before and after training)."""
     save_steps: int | None = Field(50, gt=0)
     save_total_limit: int = Field(2, ge=1)
+
+    @field_validator("max_batch_tokens")
+    @classmethod
+    def _positive_budget(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be a positive number of tokens, auto or null")
+        return value
 
 
 class OutputConfig(Section):

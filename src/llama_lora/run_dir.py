@@ -47,6 +47,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory
     try:
         yield tmp
         old = None

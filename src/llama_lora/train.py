@@ -78,13 +78,23 @@ def load_dataset(cfg: Config, tokenizer) -> Dataset:
     return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes)
 
 
-def micro_batch_plan(ds: Dataset, cfg: Config) -> tuple[list[list[int]], int]:
+AUTO_BATCH_TOKENS = {"cuda": 8192, "mps": 1024, "cpu": 1024}
+
+
+def batch_tokens(cfg: Config, device: str) -> int | None:
+    """The micro-batch token budget; `auto` picks one per device (see docs/memory.md)."""
+    budget = cfg.train.max_batch_tokens
+    return AUTO_BATCH_TOKENS.get(device, 1024) if budget == "auto" else budget
+
+
+def micro_batch_plan(ds: Dataset, cfg: Config, device: str = "cpu") -> tuple[list[list[int]], int]:
     """All micro-batches of the run in order, and how many one epoch has."""
     tcfg = cfg.train
     lengths = [len(e) for e in ds.train]
+    budget = batch_tokens(cfg, device)
 
     def epoch_plan(epoch: int) -> list[list[int]]:
-        return plan_batches(lengths, tcfg.batch_size, tcfg.max_batch_tokens, seed=tcfg.seed + epoch)
+        return plan_batches(lengths, tcfg.batch_size, budget, seed=tcfg.seed + epoch)
 
     per_epoch = len(epoch_plan(0))
     plan: list[list[int]] = []
@@ -184,7 +194,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
         weight_decay=cfg.train.weight_decay,
         fused=cfg.train.optim == "adamw_torch_fused" or None,
     )
-    plan, per_epoch = micro_batch_plan(ds, cfg)
+    plan, per_epoch = micro_batch_plan(ds, cfg, device)
     accum = cfg.train.grad_accum
     steps = [plan[i : i + accum] for i in range(0, len(plan), accum)]
     scheduler = get_scheduler(
@@ -199,7 +209,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     eval_batches = [
         collate([ds.eval[i] for i in b], pad)
         for b in plan_batches(
-            [len(e) for e in ds.eval], cfg.train.batch_size, cfg.train.max_batch_tokens, seed=0, shuffle=False
+            [len(e) for e in ds.eval], cfg.train.batch_size, batch_tokens(cfg, device), seed=0, shuffle=False
         )
     ]
     metrics = run_dir.MetricsLog(run / "metrics.jsonl")
