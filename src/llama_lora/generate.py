@@ -16,7 +16,7 @@ import torch
 
 from llama_lora import data, models
 from llama_lora.config import Config, ModelConfig, load_config
-from llama_lora.errors import LlamaLoraError, ModelError
+from llama_lora.errors import LlamaLoraError
 from llama_lora.meta import base_fingerprint, read_meta
 
 
@@ -321,7 +321,7 @@ def prompt_rows(path: str) -> list[dict[str, Any]]:
 def row_prompt(row: dict[str, Any]) -> tuple[list[data.Message], str | None]:
     fmt = data.detect_format(row)
     if fmt == "text":
-        raise ModelError("--prompts-file: plain-text rows have no prompt/response split")
+        raise InferenceError("--prompts-file: plain-text rows have no prompt/response split")
     messages = data.to_messages(row, fmt)
     reference = data.reference_answer(messages)
     if reference is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -286,8 +287,6 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
         adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
         meta.write_meta(tmp, cfg.model_dump(mode="json"), ds.template, fingerprint)
     if initial is not None:
-        import shutil
-
         shutil.rmtree(initial.parent, ignore_errors=True)
 
     train_losses = [r["loss"] for r in metrics.records if r.get("loss") is not None]
