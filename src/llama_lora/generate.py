@@ -225,6 +225,20 @@ class _PrintStreamer:
         self.shown = text
 
 
+def _pad_id(loaded: Loaded) -> int:
+    return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+
+
+def _finish(loaded: Loaded, new: list[int], prompt_tokens: int) -> Generation:
+    """Cut the new tokens at the first end-of-turn/EOS token (padding may follow it in a batch) and decode."""
+    end = next((k for k, t in enumerate(new) if t in loaded.stop_ids), None)
+    if end is not None:
+        new = new[:end]
+    return Generation(
+        loaded.tokenizer.decode(new, skip_special_tokens=True), new, prompt_tokens, end is not None
+    )
+
+
 @torch.no_grad()
 def generate(
     loaded: Loaded, messages: list[data.Message], settings: GenerationSettings, stream=None
@@ -239,22 +253,16 @@ def generate(
         torch.manual_seed(settings.seed)
     input_ids = torch.tensor([ids], device=loaded.device)
     streamer = _PrintStreamer(loaded.tokenizer, loaded.stop_ids, stream) if stream else None
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.stop_ids[0]
     out = loaded.model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new,
         eos_token_id=loaded.stop_ids,
-        pad_token_id=pad,
+        pad_token_id=_pad_id(loaded),
         streamer=streamer,
         **settings.kwargs(),
     )
-    new = out[0, len(ids) :].tolist()
-    stopped = bool(new) and new[-1] in loaded.stop_ids
-    if stopped:
-        new = new[:-1]
-    text = loaded.tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(text, new, len(ids), stopped)
+    return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
 
 
 @torch.no_grad()
@@ -271,7 +279,7 @@ def generate_many(
                 f"a prompt is {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
                 f"it exceeds the model's context of {limit}"
             )
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+    pad = _pad_id(loaded)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     results: dict[int, Generation] = {}
     if settings.seed is not None:
@@ -293,12 +301,7 @@ def generate_many(
             **settings.kwargs(),
         )
         for row, i in enumerate(chunk):
-            new = out[row, width:].tolist()
-            end = next((k for k, t in enumerate(new) if t in loaded.stop_ids), None)
-            stopped = end is not None
-            new = new[:end] if stopped else new
-            text = loaded.tokenizer.decode(new, skip_special_tokens=True)
-            results[i] = Generation(text, new, len(prompts[i]), stopped)
+            results[i] = _finish(loaded, out[row, width:].tolist(), len(prompts[i]))
     return [results[i] for i in range(len(prompts))]
 
 

@@ -232,13 +232,13 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             t0 = time.perf_counter()
             batches = [collate([ds.train[i] for i in b], pad) for b in group]
             n_labels = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
+            step_tokens = sum(len(ds.train[i]) for b in group for i in b)  # non-padding tokens
             step_loss = 0.0
             for batch in batches:
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 loss_sum, _ = loss_fn(**batch)
                 accelerator.backward(loss_sum / n_labels)
                 step_loss += float(loss_sum.detach())
-                window_tokens += int(batch["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 good = run_dir.checkpoint_dirs(run)
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
@@ -256,10 +256,11 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             window_time += dt
             window_loss += step_loss
             window_labels += n_labels
+            window_tokens += step_tokens
             micro_done += len(group)
             epoch = micro_done / per_epoch
             last_loss = step_loss / n_labels
-            tokens_seen += sum(len(ds.train[i]) for b in group for i in b)
+            tokens_seen += step_tokens
             reporter.update(step, last_loss, tokens_seen / train_time)
 
             if step % cfg.train.logging_steps == 0 or step == len(steps):
