@@ -111,6 +111,19 @@ class TrainConfig(Section):
     """Evaluate every N optimizer steps (always before and after training)."""
     save_steps: int | None = Field(50, gt=0)
     save_total_limit: int = Field(2, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Trackers that also get every metrics.jsonl record (see docs/tracking.md); `none` or [] = none."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return list(dict.fromkeys(value))  # a tracker named twice is opened once
+        return value
 
     @field_validator("max_batch_tokens")
     @classmethod

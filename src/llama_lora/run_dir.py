@@ -17,7 +17,9 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +82,47 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps({k: _clean(v) for k, v in data.items()}, indent=2) + "\n")
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl, flushed per line so a crash loses at most the line being written."""
+def tracked_values(record: dict[str, Any]) -> dict[str, float]:
+    """What trackers get from a metrics record: its numbers other than step and epoch (None dropped)."""
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
-    def __init__(self, path: Path):
+
+def _close_sinks(sinks: list, ok: bool) -> None:
+    while sinks:
+        sinks.pop(0).close(ok=ok)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl, flushed per line so a crash loses at most the line being written.
+
+    Every record also goes to `sinks` (see tracking.py) at the record's step. `close()` ends them as
+    finished; a log dropped without `close()` (training raised) ends them as failed when it is collected
+    or at interpreter exit.
+    """
+
+    def __init__(self, path: Path, sinks: list | None = None):
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.sinks = list(sinks or [])
+        self._failed = weakref.finalize(self, _close_sinks, self.sinks, False)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        values = tracked_values(record)
+        if values:
+            for sink in self.sinks:
+                sink.log(values, step=int(record.get("step", len(self.records))))
+
+    def close(self) -> None:
+        self._failed.detach()
+        _close_sinks(self.sinks, ok=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -135,3 +166,9 @@ def checkpoint_dirs(run: Path) -> list[Path]:
 def prune_checkpoints(run: Path, keep: int) -> None:
     for old in checkpoint_dirs(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+
+def timestamp() -> str:
+    """Now, as an ISO-8601 UTC timestamp for summaries (`finished_at`)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

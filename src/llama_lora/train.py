@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llama_lora import adapters, checkpoint, data, meta, models, run_dir
+from llama_lora import adapters, checkpoint, data, meta, models, run_dir, tracking
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
@@ -159,6 +159,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     from transformers import get_scheduler, set_seed
 
     say = (lambda *a: None) if quiet else log
+    tracking.check_installed(cfg.train.report_to)  # a missing tracker fails before any slow work
     device, precision = models.describe_device(cfg.train)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
     ref = models.resolve(cfg.model.name)
@@ -213,7 +214,9 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             [len(e) for e in ds.eval], cfg.train.batch_size, batch_tokens(cfg, device), seed=0, shuffle=False
         )
     ]
-    metrics = run_dir.MetricsLog(run / "metrics.jsonl")
+    metrics = run_dir.MetricsLog(
+        run / "metrics.jsonl", tracking.open_sinks(cfg, run, accelerator.is_main_process)
+    )
 
     eval_before = evaluate(loss_fn, eval_batches, dev)
     metrics.write({"step": 0, "epoch": 0.0, "eval_loss": eval_before})
@@ -284,6 +287,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
 
     eval_after = evaluate(loss_fn, eval_batches, dev)
     metrics.write({"step": len(steps), "epoch": round(micro_done / per_epoch, 4), "eval_loss": eval_after})
+    metrics.close()
     with run_dir.atomic_dir(run / "adapter") as tmp:
         adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
         meta.write_meta(tmp, cfg.model_dump(mode="json"), ds.template, fingerprint)
@@ -312,6 +316,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
         "precision": precision,
         "trainable_parameters": n_train,
         **peak_memory_mb(device),
+        "finished_at": run_dir.timestamp(),
     }
     run_dir.write_json(run / "train_summary.json", summary)
     run_dir.plot_losses(metrics.records, run / "loss.png", title=f"{cfg.model.name} ({summary['method']})")
