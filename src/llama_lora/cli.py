@@ -300,6 +300,53 @@ def compare(
     out.print("reports: " + ", ".join(result["files"]))
 
 
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command()
+def runs(
+    root: Annotated[str, typer.Argument(help="Where to look for run directories (2 levels down).")] = "runs",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON, for scripts.")] = False,
+) -> None:
+    """List run directories with model, data, method, eval loss before -> after, tokens/s, status."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from llama_lora.run_dir import list_runs
+
+    rows = list_runs(Path(root))
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not rows:
+        out.print(f"no runs under {root} (train one with `llama-lora train`)", markup=False)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("run", "date (UTC)", "model", "data", "method", "eval loss", "tok/s", "status"):
+        table.add_column(col, justify="right" if col == "tok/s" else "left", overflow="fold")
+    for r in rows:
+        evals = (
+            "-" if r["eval_loss"] is None else f"{_loss(r['eval_loss_before'])} -> {_loss(r['eval_loss'])}"
+        )
+        tps = r["tokens_per_second"]
+        cells = [
+            r["run"],
+            (r["date"] or "-")[:16].replace("T", " "),
+            str(r["model"] or "-"),
+            str(r["data"] or "-"),
+            r["method"] or "-",
+            evals,
+            "-" if tps is None else f"{tps:.0f}",
+            r["status"],
+        ]
+        table.add_row(*(Text(c) for c in cells))  # Text: paths are not rich markup
+    out.print(table)
+
+
 @config_app.command("show")
 def config_show(args: Args = None, preset: Preset = None) -> None:
     """Print the resolved configuration as YAML (defaults <- preset <- file <- overrides)."""

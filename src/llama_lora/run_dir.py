@@ -168,7 +168,95 @@ def prune_checkpoints(run: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------- listing runs
+
 
 def timestamp() -> str:
     """Now, as an ISO-8601 UTC timestamp for summaries (`finished_at`)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_run(path: Path) -> bool:
+    return (path / "train_summary.json").is_file() or (path / "config.yaml").is_file()
+
+
+def find_runs(root: Path, depth: int = 2) -> list[Path]:
+    """Run directories at `root` or up to `depth` levels below it; a run's own subdirectories are not searched."""
+    if is_run(root):
+        return [root]
+    if depth == 0:
+        return []
+    found: list[Path] = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            found.extend(find_runs(child, depth - 1))
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _mtime_iso(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+
+
+def run_row(run: Path) -> dict[str, Any]:
+    """A run's key figures from train_summary.json, or from config.yaml for a run that did not finish.
+
+    status: `finished` (has a summary), `has checkpoints` (stopped after saving some: resumable) or
+    `incomplete` (stopped before any checkpoint).
+    """
+    summary = _read_json(run / "train_summary.json")
+    cfg = _read_config(run / "config.yaml")
+
+    def section(name: str) -> dict[str, Any]:
+        value = cfg.get(name)
+        return value if isinstance(value, dict) else {}
+
+    checkpoints = checkpoint_dirs(run)
+    if summary is not None:
+        status = "finished"
+        date = summary.get("finished_at") or _mtime_iso(run / "train_summary.json")
+    else:
+        summary = {}
+        status = "has checkpoints" if checkpoints else "incomplete"
+        date = _mtime_iso(run / "config.yaml")
+    use_dora = section("peft").get("use_dora")
+    return {
+        "run": str(run),
+        "date": date,
+        "model": summary.get("model", section("model").get("name")),
+        "data": summary.get("dataset", section("data").get("source")),
+        "method": summary.get("method", None if use_dora is None else ("dora" if use_dora else "lora")),
+        "eval_loss_before": summary.get("eval_loss_before"),
+        "eval_loss": summary.get("eval_loss"),
+        "tokens_per_second": summary.get("tokens_per_second"),
+        "steps": summary.get("steps"),
+        "checkpoints": len(checkpoints),
+        "status": status,
+    }
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """Rows for every run under `root`, oldest first (runs without a date last)."""
+    if not root.is_dir():
+        raise RunDirError(f"{root}: no such directory")
+    rows = [run_row(run) for run in find_runs(root)]
+    return sorted(rows, key=lambda r: (r["date"] is None, r["date"] or "", r["run"]))
