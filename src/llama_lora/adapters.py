@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from llama_lora.errors import ConfigError
@@ -67,13 +68,17 @@ def lora_config(pcfg, device: str):
     )
 
 
-def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None):
+def attach(
+    model: nn.Module, pcfg, device: str, initial_dir: Path | None = None, autocast: bool = False
+):
     """Wrap `model` with a fresh adapter. For PiSSA/OLoRA, the initial adapter is saved to `initial_dir`
-    (needed to convert the trained adapter on save)."""
+    (needed to convert the trained adapter on save). `autocast`: training will run under bf16/fp16 autocast."""
     from peft import get_peft_model
 
     check_targets(model, pcfg.target_modules)
     peft_model = get_peft_model(model, lora_config(pcfg, device))
+    if autocast and _low_precision(model):
+        keep_input_dtype(peft_model)
     if pcfg.use_dora and pcfg.fast_dora:
         from llama_lora.fast_dora import enable_fast_dora
 
@@ -86,6 +91,26 @@ def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None)
         peft_model.save_pretrained(str(initial_dir))
         peft_model.peft_config["default"].init_lora_weights = pcfg.init_lora_weights
     return peft_model
+
+
+def _low_precision(model: nn.Module) -> bool:
+    weight = model.get_input_embeddings().weight
+    return weight.dtype in (torch.bfloat16, torch.float16)
+
+
+def keep_input_dtype(peft_model) -> None:
+    """Feed the adapters the layer input as it is (bf16/fp16) instead of PEFT's default float32 copy.
+
+    PEFT casts every adapted layer's input to the adapter's float32 dtype, which with a low-precision base
+    makes a float32 copy of each activation (kept for backward, and cast back to bf16 by autocast for the
+    matmul). Training always runs such a base under autocast, so the adapter matmuls take bf16 inputs directly;
+    the adapter weights and their gradients stay float32.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def save_adapter(peft_model, target: Path, tokenizer=None, initial_dir: Path | None = None) -> None:

@@ -111,10 +111,13 @@ def dora_weight_norm(module: LoraLinear, adapter_name: str) -> torch.Tensor:
     scaling = module.scaling[adapter_name]
     with torch.no_grad(), torch.autocast(device_type=weight.device.type, enabled=False):
         base_sq = _base_sq_row_norms(module, weight, dtype)
-        w = transpose(weight, module.fan_in_fan_out).to(dtype)  # no copy when already float32
+        w = transpose(weight, module.fan_in_fan_out)
         a = module.lora_A[adapter_name].weight.to(device=w.device, dtype=dtype)
         b = module.lora_B[adapter_name].weight.to(device=w.device, dtype=dtype)
-        wa = w @ a.T  # (out, r)
+        # W A^T (out x r) in W's own precision: casting a bf16/fp16 W up would copy the whole weight on every
+        # forward. The product accumulates in float32 inside the matmul and is rounded once, which is finer
+        # than PEFT, whose low-precision path forms and norms W + s B A entirely in that precision.
+        wa = (w @ a.to(w.dtype).T).to(dtype)  # (out, r)
         cross = (b * wa).sum(dim=1)  # <w_i, (B A)_i>
         quad = ((b @ (a @ a.T)) * b).sum(dim=1)  # ||(B A)_i||^2
         sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad

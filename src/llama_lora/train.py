@@ -180,7 +180,9 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     initial = (
         run / ".init" / "adapter_init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
     )
-    peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial)
+    peft_model = adapters.attach(
+        model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32"
+    )
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
