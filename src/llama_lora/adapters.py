@@ -83,7 +83,7 @@ def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None)
             raise ValueError("PiSSA/OLoRA need a directory for the initial adapter")
         # the conversion later needs the initial adapter saved with init_lora_weights=True semantics
         peft_model.peft_config["default"].init_lora_weights = True
-        peft_model.save_pretrained(str(initial_dir))
+        peft_model.save_pretrained(str(initial_dir), safe_serialization=True)
         peft_model.peft_config["default"].init_lora_weights = pcfg.init_lora_weights
     return peft_model
 

@@ -41,6 +41,7 @@ class Dataset:
     train_rows: int
     eval_rows: int
     notes: list[str]
+    skipped_rows: int = 0  # rows without required fields, skipped with data.skip_bad_rows
 
 
 def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -79,7 +80,8 @@ def load_dataset(cfg: Config, tokenizer) -> Dataset:
     notes = [f"train data: {tstats.summary()}"]
     if eval_rows:
         notes.append(f"eval data: {estats.summary()}")
-    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes)
+    skipped = len(tstats.bad_rows) + len(estats.bad_rows)
+    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped)
 
 
 AUTO_BATCH_TOKENS = {"cuda": 8192, "mps": 1024, "cpu": 1024}
@@ -388,6 +390,7 @@ def train(
         "train_examples": len(ds.train),
         "eval_rows": ds.eval_rows,
         "eval_examples": len(ds.eval),
+        "skipped_bad_rows": ds.skipped_rows,
         "steps": len(steps),
         "epochs": epochs,
         "train_loss": train_losses[-1] if train_losses else progress.last_loss,
