@@ -407,3 +407,17 @@ def test_run_dir_has_no_token_and_no_pickles(tmp_path, tiny_model_dir, alpaca_fi
         assert token.encode() not in content, path
         assert path.suffix not in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}, path
         assert not content.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04")), path
+
+
+def test_failure_table_names_real_tests():
+    """docs/failures.md: one test per row, and every test it names exists."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / "docs" / "failures.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| failure", "| ---"))]
+    named = [re.search(r"`(test_\w+\.py)::(test_\w+)`", row) for row in rows]
+    assert named and all(named), "every row names its test"
+    for match in named:
+        source = (root / "tests" / match.group(1)).read_text()
+        assert f"def {match.group(2)}(" in source, match.group(0)
