@@ -27,7 +27,13 @@ from llama_lora.errors import LlamaLoraError
 
 STATE_FILE = "trainer_state.json"
 # Settings that do not change the trained weights: a resumed run may use other values for these.
-RESUMABLE_CHANGES = {"train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps"}
+RESUMABLE_CHANGES = {
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.logging_steps",
+    "train.eval_steps",
+    "output.dir",  # the same run, found through another spelling of its path
+}
 
 
 class CheckpointError(LlamaLoraError):
@@ -63,8 +69,11 @@ def rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, info
 
 
-def save(run: Path, step: int, peft_model, optimizer, scheduler, counters: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically. `counters` are the loop's running totals (tokens, time, ...)."""
+def save(
+    run: Path, step: int, peft_model, optimizer, scheduler, counters: dict[str, Any], scaler=None
+) -> Path:
+    """Write checkpoint-<step> atomically. `counters` are the loop's running totals (tokens, time, ...);
+    `scaler` is the fp16 loss scaler, if any."""
     target = run / "checkpoints" / f"checkpoint-{step}"
     with run_dir.atomic_dir(target) as tmp:
         # the raw (unconverted) adapter: resuming continues from exactly this state
@@ -76,6 +85,7 @@ def save(run: Path, step: int, peft_model, optimizer, scheduler, counters: dict[
         meta["scheduler"] = scheduler.state_dict()
         meta["step"] = step
         meta["counters"] = counters
+        meta["grad_scaler"] = scaler.state_dict() if scaler is not None else None
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     return target
 
@@ -157,7 +167,7 @@ def restore_rng(path: Path, info: dict[str, Any]) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load(path: Path, peft_model, optimizer, scheduler) -> dict[str, Any]:
+def load(path: Path, peft_model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and RNG from checkpoint `path`; returns step and counters.
 
     Call it after the model, adapter and optimizer are set up (set-up draws random numbers), so the
@@ -173,5 +183,7 @@ def load(path: Path, peft_model, optimizer, scheduler) -> dict[str, Any]:
         )
     load_optimizer(path, optimizer, meta)
     scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     restore_rng(path, meta["rng"])
     return {"step": meta["step"], "counters": meta["counters"]}

@@ -1,6 +1,7 @@
 """Training: set-up, then one readable loop on accelerate.
 
 load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
+[resume: restore adapter, optimizer, scheduler, RNG and counters from a checkpoint; skip the steps it covers]
 loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
 """
 
@@ -285,7 +286,9 @@ def train(
     ]
 
     def save_checkpoint(step: int) -> Path:
-        saved = checkpoint.save(run, step, peft_model, optimizer, scheduler, asdict(progress))
+        saved = checkpoint.save(
+            run, step, peft_model, optimizer, scheduler, asdict(progress), accelerator.scaler
+        )
         run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
         return saved
 
@@ -298,7 +301,7 @@ def train(
         if eval_before is not None:
             say(f"eval loss before training: {eval_before:.4f}")
     else:  # continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG, counters
-        restored = checkpoint.load(start_from, peft_model, optimizer, scheduler)
+        restored = checkpoint.load(start_from, peft_model, optimizer, scheduler, accelerator.scaler)
         first, progress = restored["step"], Progress(**restored["counters"])
         for later in run_dir.checkpoint_dirs(run):  # an abandoned future when resuming an older checkpoint
             if run_dir.checkpoint_step(later) > first:
