@@ -68,9 +68,7 @@ def lora_config(pcfg, device: str):
     )
 
 
-def attach(
-    model: nn.Module, pcfg, device: str, initial_dir: Path | None = None, autocast: bool = False
-):
+def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None, autocast: bool = False):
     """Wrap `model` with a fresh adapter. For PiSSA/OLoRA, the initial adapter is saved to `initial_dir`
     (needed to convert the trained adapter on save). `autocast`: training will run under bf16/fp16 autocast."""
     from peft import get_peft_model
@@ -88,7 +86,7 @@ def attach(
             raise ValueError("PiSSA/OLoRA need a directory for the initial adapter")
         # the conversion later needs the initial adapter saved with init_lora_weights=True semantics
         peft_model.peft_config["default"].init_lora_weights = True
-        peft_model.save_pretrained(str(initial_dir))
+        peft_model.save_pretrained(str(initial_dir), safe_serialization=True)
         peft_model.peft_config["default"].init_lora_weights = pcfg.init_lora_weights
     return peft_model
 

@@ -1,18 +1,46 @@
-"""Checkpoints: `checkpoints/checkpoint-<step>/` with the adapter, optimizer and scheduler state.
+"""Checkpoints: `checkpoints/checkpoint-<step>/` with everything that shapes the rest of a run.
 
-Everything tensor-valued is stored as safetensors (never pickle); the rest is JSON. A checkpoint is written
-to a temporary sibling and renamed into place, so a crash mid-save leaves the previous one intact.
+    adapter/                 the raw (unconverted) adapter, PEFT format
+    optimizer.safetensors    AdamW moments and step counts
+    rng.safetensors          torch (CPU and CUDA), python and numpy generator states
+    trainer_state.json       step, scheduler state, optimizer param groups, the loop's counters
+
+Everything tensor-valued is stored as safetensors (never pickle, so loading never runs `torch.load`); the rest
+is JSON. A checkpoint is written to a temporary sibling and renamed into place, so a crash mid-save leaves
+the previous one intact, and a leftover `.checkpoint-*.tmp-*` directory is never taken for a checkpoint.
+Resuming restores all of it, so a resumed run continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from llama_lora import run_dir
+from llama_lora.errors import LlamaLoraError
+
+STATE_FILE = "trainer_state.json"
+# Settings that do not change the trained weights: a resumed run may use other values for these.
+RESUMABLE_CHANGES = {
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.logging_steps",
+    "train.eval_steps",
+    "output.dir",  # the same run, found through another spelling of its path
+}
+
+
+class CheckpointError(LlamaLoraError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- saving
 
 
 def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -28,14 +56,134 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save(run: Path, step: int, peft_model, optimizer, scheduler) -> Path:
+def rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The generator states as tensors (torch, numpy keys) plus JSON (python's, numpy's position)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    info = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), cached]}
+    return tensors, info
+
+
+def save(
+    run: Path, step: int, peft_model, optimizer, scheduler, counters: dict[str, Any], scaler=None
+) -> Path:
+    """Write checkpoint-<step> atomically. `counters` are the loop's running totals (tokens, time, ...);
+    `scaler` is the fp16 loss scaler, if any."""
     target = run / "checkpoints" / f"checkpoint-{step}"
     with run_dir.atomic_dir(target) as tmp:
         # the raw (unconverted) adapter: resuming continues from exactly this state
         peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         tensors, meta = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        rng, meta["rng"] = rng_tensors()
+        save_file(rng, str(tmp / "rng.safetensors"))
         meta["scheduler"] = scheduler.state_dict()
         meta["step"] = step
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+        meta["counters"] = counters
+        meta["grad_scaler"] = scaler.state_dict() if scaler is not None else None
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     return target
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (STATE_FILE, "optimizer.safetensors", "rng.safetensors"))
+
+
+def find(run: Path, name: str | None = None) -> Path:
+    """The checkpoint to resume from: the latest complete one in `run`, or the one `name` names
+    (`checkpoint-6`, or a path to it, which must lie in `run`)."""
+    if name is None:
+        found = [p for p in run_dir.checkpoint_dirs(run) if is_complete(p)]
+        if not found:
+            raise CheckpointError(f"--resume: {run} has no checkpoint to resume from (output.dir)")
+        return found[-1]
+    path = Path(name)
+    if not path.is_dir():
+        path = run / "checkpoints" / name
+    if not is_complete(path):
+        raise CheckpointError(f"--resume: {name} is not a complete checkpoint (no {STATE_FILE} and weights)")
+    if path.resolve().parent.parent != run.resolve():
+        raise CheckpointError(f"--resume: {name} is not a checkpoint of output.dir {run}")
+    return path
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse to resume when the config changed in a way that changes the run (see RESUMABLE_CHANGES)."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    )
+    if changed:
+        key = changed[0]
+        raise CheckpointError(
+            f"--resume: {key} is {new.get(key)!r} but the run in {where} used {old.get(key)!r}"
+            + (f" (and {len(changed) - 1} more changed keys)" if len(changed) > 1 else "")
+            + "; resume with the same settings or start a new run with --overwrite"
+        )
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_optimizer(path: Path, optimizer, meta: dict[str, Any]) -> None:
+    """Rebuild the optimizer state dict from optimizer.safetensors + JSON (no pickle) and load it."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in load_file(str(path / "optimizer.safetensors")).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, slots in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_rng(path: Path, info: dict[str, Any]) -> None:
+    tensors = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def load(path: Path, peft_model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler and RNG from checkpoint `path`; returns step and counters.
+
+    Call it after the model, adapter and optimizer are set up (set-up draws random numbers), so the
+    restored generator continues exactly where the saved run stopped: same dropout masks from here on."""
+    from peft import set_peft_model_state_dict
+
+    meta = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(
+            f"--resume: {path} holds weights this adapter lacks: {result.unexpected_keys[0]}"
+        )
+    load_optimizer(path, optimizer, meta)
+    scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
+    restore_rng(path, meta["rng"])
+    return {"step": meta["step"], "counters": meta["counters"]}

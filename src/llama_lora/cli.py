@@ -70,16 +70,27 @@ def train(
     args: Args = None,
     preset: Preset = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="[CHECKPOINT]",
+            help="Continue the run in output.dir from its latest checkpoint, or from the one named "
+            "(checkpoint-6 or a path to it).",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or progress messages.")
     ] = False,
 ) -> None:
     """Train a LoRA/DoRA adapter. Writes config.yaml, adapter/, metrics.jsonl, train_summary.json, loss.png."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other: replace the run or continue it")
     cfg = resolve_config(args, preset)
     _quiet_libraries()
     from llama_lora.train import train as run_training
 
-    summary = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print).summary
+    summary = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print, resume=resume).summary
     before, after = summary["eval_loss_before"], summary["eval_loss"]
     evals = f"eval loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
     out.print(
@@ -378,9 +389,22 @@ def root(
     """llama-lora: fine-tune, evaluate and ship LoRA/DoRA adapters for Llama-family models."""
 
 
+def optional_resume_value(argv: list[str]) -> list[str]:
+    """`--resume` alone means the latest checkpoint. A following word is its value only when it is neither
+    an option, an override (`key=value`) nor a config file."""
+    out = list(argv)
+    for i, item in enumerate(out):
+        if item == "--resume":
+            following = out[i + 1] if i + 1 < len(out) else "-"
+            names_one = not following.startswith("-") and "=" not in following
+            if not names_one or following.endswith((".yaml", ".yml")):
+                out[i] = "--resume=latest"
+    return out
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(args=optional_resume_value(sys.argv[1:]), standalone_mode=False)
     except LlamaLoraError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)

@@ -33,6 +33,8 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Storage dtype of the frozen base weights; `auto` = float32 on CPU/MPS, the compute dtype on CUDA."""
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load pickled (`.bin`/`.pt`) weights, which can run code; off: only safetensors are loaded."""
 
 
 class DataConfig(Section):
@@ -51,6 +53,8 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_rows: int | None = Field(None, gt=0)
     """Use at most this many training rows (after the split expression), e.g. for quick runs."""
+    skip_bad_rows: bool = False
+    """Skip rows that lack required fields (and report how many) instead of stopping with an error."""
 
 
 InitName = Literal["gaussian", "pissa", "olora", "eva", "corda", "loftq", "orthogonal"]

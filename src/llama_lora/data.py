@@ -62,6 +62,8 @@ def _builder(files: dict[str, str]) -> str:
 def _check_json(path: Path) -> None:
     """Name the line of the first malformed JSON/JSONL record (the datasets library does not)."""
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data.source: {path} is empty (no rows)")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             json.loads(text)
@@ -89,6 +91,8 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
                 raise DataError(f"data.source: file {source} not found")
             files = _local_files(path, split)
             for f in files.values():
+                if Path(f).stat().st_size == 0:
+                    raise DataError(f"data.source: {f} is empty (no rows)")
                 if f.endswith((".json", ".jsonl")):
                     _check_json(Path(f))
             ds = datasets.load_dataset(_builder(files), data_files=files, split=split)
@@ -101,6 +105,9 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
                 ds = datasets.load_dataset(source, split=split)
             except (ConnectionError, OSError) as exc:
                 raise hub.explain(exc, source, "dataset") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise DataError(f"data.source: cannot read {source} ({reason})") from None
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         raise DataError(f"data.split: cannot take split {split!r} of {source}: {msg}") from None
@@ -347,13 +354,18 @@ class PrepareStats:
             parts.append(f"{self.dropped_too_long} dropped as longer than max_length")
         if self.dropped_no_labels:
             parts.append(f"{self.dropped_no_labels} dropped with no response tokens left")
+        if self.bad_rows:
+            parts.append(f"skipped {len(self.bad_rows)} bad rows (first: {self.bad_rows[0]})")
         return ", ".join(parts)
 
 
 def prepare(
     rows: list[dict[str, Any]], tokenizer, dcfg, template: str, fmt: str | None = None, where: str = "data"
 ) -> tuple[list[Example], PrepareStats]:
-    """Rows -> tokenized examples, applying truncation and counting what was cut or dropped."""
+    """Rows -> tokenized examples, applying truncation and counting what was cut or dropped.
+
+    Rows that cannot be used (missing fields, no response) are a DataError naming the first one and their
+    count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats."""
     stats = PrepareStats(rows=len(rows))
     examples: list[Example] = []
     for index, row in enumerate(rows):
@@ -362,8 +374,9 @@ def prepare(
             messages = to_messages(row, row_fmt, dcfg.system_prompt)
             if row_fmt != "text" and reference_answer(messages) is None:
                 raise ValueError("no response to train on")
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise DataError(f"{where}: row {index}: {exc}") from None
+        except (ValueError, TypeError, AttributeError, DataError) as exc:
+            stats.bad_rows.append(f"row {index}: {exc}")
+            continue
         ex = tokenize(render_segments(messages, tokenizer, template), tokenizer, dcfg.train_on_prompt)
         if len(ex) > dcfg.max_length:
             if dcfg.truncation == "drop":
@@ -376,4 +389,9 @@ def prepare(
             continue
         examples.append(ex)
     stats.kept = len(examples)
+    if stats.bad_rows and not dcfg.skip_bad_rows:
+        raise DataError(
+            f"{where}: {len(stats.bad_rows)} of {stats.rows} rows lack required fields (first: "
+            f"{stats.bad_rows[0]}); fix them or set data.skip_bad_rows: true to skip them"
+        )
     return examples, stats

@@ -123,6 +123,7 @@ def load(
     cfg = src.cfg if src else (Config.model_validate(merged_meta["config"]) if merged_meta else None)
     description = mcfg.name
     if src is not None:
+        models.refuse_pickled(src.adapter_dir, mcfg.allow_pickle, key="--adapter")
         if src.fingerprint is not None and base_fingerprint(model) != src.fingerprint:
             raise InferenceError(
                 f"--adapter: {src.adapter_dir} was trained for a different base model than {mcfg.name} "

@@ -115,7 +115,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = gguf.stem
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)
@@ -149,11 +149,36 @@ def load_tokenizer(mcfg: ModelConfig, ref: ModelRef | None = None):
     return _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer", mcfg)
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickled(directory: Path, allow: bool, key: str = "model.name") -> None:
+    """Pickled weights can run code when loaded: refuse a directory that has only those, unless allowed."""
+    if allow or any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{key}: {directory} holds only pickled weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle: true if you trust their source"
+        )
+
+
 def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = None):
     from transformers import AutoModelForCausalLM
 
     ref = ref or resolve(mcfg.name)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, ref, "model", mcfg, dtype=dtype)
+    if ref.kind == "local":
+        refuse_pickled(Path(ref.path), mcfg.allow_pickle)
+    # safetensors only (transformers refuses .bin then), unless the user allowed pickles
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        ref,
+        "model",
+        mcfg,
+        dtype=dtype,
+        use_safetensors=None if mcfg.allow_pickle else True,
+    )
     model.config.use_cache = False
     return model
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -104,9 +105,9 @@ class MetricsLog:
     or at interpreter exit.
     """
 
-    def __init__(self, path: Path, sinks: list | None = None):
+    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None, sinks: list | None = None):
         self.path = path
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = list(records or [])
         self.sinks = list(sinks or [])
         self._failed = weakref.finalize(self, _close_sinks, self.sinks, False)
 
@@ -129,6 +130,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics_up_to(path: Path, step: int, sinks: list | None = None) -> MetricsLog:
+    """Resuming at `step`: keep the records up to it, drop later ones (they came after the checkpoint, and
+    the resumed run writes them again) and a line torn by a kill; rewrite the file atomically."""
+    kept = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written when the process died
+        if record.get("step", 0) <= step:
+            kept.append(record)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return MetricsLog(path, kept, sinks)
 
 
 def plot_losses(records: list[dict[str, Any]], path, title: str = "") -> None:
@@ -155,12 +171,17 @@ def plot_losses(records: list[dict[str, Any]], path, title: str = "") -> None:
     plt.close(fig)
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def checkpoint_dirs(run: Path) -> list[Path]:
+    """checkpoint-<step> directories by step. Temporary `.checkpoint-*.tmp-*` siblings are never included."""
     root = run / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=checkpoint_step)
 
 
 def prune_checkpoints(run: Path, keep: int) -> None:

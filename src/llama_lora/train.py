@@ -1,6 +1,7 @@
 """Training: set-up, then one readable loop on accelerate.
 
 load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
+[resume: restore adapter, optimizer, scheduler, RNG and counters from a checkpoint; skip the steps it covers]
 loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
 """
 
@@ -10,13 +11,16 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from llama_lora import adapters, checkpoint, data, meta, models, run_dir, tracking
 from llama_lora.batching import collate, pad_id_for, plan_batches
@@ -38,6 +42,7 @@ class Dataset:
     train_rows: int
     eval_rows: int
     notes: list[str]
+    skipped_rows: int = 0  # rows without required fields, skipped with data.skip_bad_rows
 
 
 def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -76,7 +81,8 @@ def load_dataset(cfg: Config, tokenizer) -> Dataset:
     notes = [f"train data: {tstats.summary()}"]
     if eval_rows:
         notes.append(f"eval data: {estats.summary()}")
-    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes)
+    skipped = len(tstats.bad_rows) + len(estats.bad_rows)
+    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped)
 
 
 AUTO_BATCH_TOKENS = {"cuda": 8192, "mps": 1024, "cpu": 1024}
@@ -154,14 +160,77 @@ class TrainResult:
     run: Path
 
 
-def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) -> TrainResult:
-    """Train an adapter as `cfg` says. The summary is also written to train_summary.json."""
+@dataclass
+class Progress:
+    """The loop's running totals; saved in each checkpoint so a resumed run's summary and metrics continue."""
+
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    micro_done: int = 0
+    last_loss: float = float("nan")
+    window_loss: float = 0.0  # sums since the last metrics record
+    window_labels: int = 0
+    window_tokens: int = 0
+    window_time: float = 0.0
+
+
+class TrainingInterrupted(TrainingError):
+    exit_code = 130
+
+
+class SigintFlag:
+    """While active, the first Ctrl-C only sets `requested` (the loop saves a checkpoint at the end of the
+    step, then stops); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+RESUME_LATEST = "latest"
+
+
+def resume_point(cfg: Config, resume: str | None) -> Path | None:
+    """The checkpoint to continue from (None for a fresh run); refuses one made with other settings."""
+    if not resume:
+        return None
+    run = Path(cfg.output.dir)
+    found = checkpoint.find(run, None if resume == RESUME_LATEST else resume)
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise TrainingError(f"--resume: {run} has no config.yaml, so it is not a llama-lora run")
+    checkpoint.check_same_run(yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json"), run)
+    return found
+
+
+def train(
+    cfg: Config, overwrite: bool = False, quiet: bool = False, log=print, resume: str | None = None
+) -> TrainResult:
+    """Train an adapter as `cfg` says. The summary is also written to train_summary.json.
+
+    `resume` = "latest" (or a checkpoint name or path in output.dir) continues an interrupted run from its
+    checkpoint; the result equals the uninterrupted run's."""
     from transformers import get_scheduler, set_seed
 
     say = (lambda *a: None) if quiet else log
     tracking.check_installed(cfg.train.report_to)  # a missing tracker fails before any slow work
     device, precision = models.describe_device(cfg.train)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
+    start_from = resume_point(cfg, resume)
     ref = models.resolve(cfg.model.name)
     tokenizer = models.load_tokenizer(cfg.model, ref)
     ds = load_dataset(cfg, tokenizer)
@@ -172,17 +241,17 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
     model = models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
     adapters.check_targets(model, cfg.peft.target_modules)
     fingerprint = meta.base_fingerprint(model)
-    run = run_dir.prepare(Path(cfg.output.dir), overwrite)  # nothing is written before this point
-    (run / "config.yaml").write_text(cfg.to_yaml())
+    run = Path(cfg.output.dir)
+    if start_from is None:
+        run = run_dir.prepare(run, overwrite)  # nothing is written before this point
+    run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     initial = (
         run / ".init" / "adapter_init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
     )
-    peft_model = adapters.attach(
-        model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32"
-    )
+    peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32")
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
@@ -216,24 +285,39 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             [len(e) for e in ds.eval], cfg.train.batch_size, batch_tokens(cfg, device), seed=0, shuffle=False
         )
     ]
-    metrics = run_dir.MetricsLog(
-        run / "metrics.jsonl", tracking.open_sinks(cfg, run, accelerator.is_main_process)
-    )
 
-    eval_before = evaluate(loss_fn, eval_batches, dev)
-    metrics.write({"step": 0, "epoch": 0.0, "eval_loss": eval_before})
-    if eval_before is not None:
-        say(f"eval loss before training: {eval_before:.4f}")
+    def open_sinks() -> list:
+        return tracking.open_sinks(cfg, run, accelerator.is_main_process)
+
+    def save_checkpoint(step: int) -> Path:
+        saved = checkpoint.save(
+            run, step, peft_model, optimizer, scheduler, asdict(progress), accelerator.scaler
+        )
+        run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
+        return saved
+
+    if start_from is None:
+        first = 0
+        progress = Progress()
+        metrics = run_dir.MetricsLog(run / "metrics.jsonl", sinks=open_sinks())
+        eval_before = evaluate(loss_fn, eval_batches, dev)
+        metrics.write({"step": 0, "epoch": 0.0, "eval_loss": eval_before})
+        if eval_before is not None:
+            say(f"eval loss before training: {eval_before:.4f}")
+    else:  # continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG, counters
+        restored = checkpoint.load(start_from, peft_model, optimizer, scheduler, accelerator.scaler)
+        first, progress = restored["step"], Progress(**restored["counters"])
+        for later in run_dir.checkpoint_dirs(run):  # an abandoned future when resuming an older checkpoint
+            if run_dir.checkpoint_step(later) > first:
+                shutil.rmtree(later)
+        metrics = run_dir.metrics_up_to(run / "metrics.jsonl", first, open_sinks())
+        eval_before = next((r.get("eval_loss") for r in metrics.records if r["step"] == 0), None)
+        say(f"resuming from {start_from} (step {first} of {len(steps)})")
 
     loss_fn.train()
-    tokens_seen = 0
-    train_time = 0.0
-    window_loss, window_labels, window_tokens, window_time = 0.0, 0, 0, 0.0
-    last_loss = float("nan")
-    micro_done = 0
     reporter = Reporter(total=len(steps), quiet=quiet)
-    with reporter:
-        for step, group in enumerate(steps, start=1):
+    with reporter, SigintFlag() as interrupt:
+        for step, group in enumerate(steps[first:], start=first + 1):
             t0 = time.perf_counter()
             batches = [collate([ds.train[i] for i in b], pad) for b in group]
             n_labels = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
@@ -245,7 +329,7 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
                 accelerator.backward(loss_sum / n_labels)
                 step_loss += float(loss_sum.detach())
             if not math.isfinite(step_loss):
-                good = run_dir.checkpoint_dirs(run)
+                good = [p for p in run_dir.checkpoint_dirs(run) if checkpoint.is_complete(p)]
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
                 raise TrainingError(
                     f"training loss became {step_loss} at step {step}; stopped ({kept}). "
@@ -257,38 +341,46 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            train_time += dt
-            window_time += dt
-            window_loss += step_loss
-            window_labels += n_labels
-            window_tokens += step_tokens
-            micro_done += len(group)
-            epoch = micro_done / per_epoch
-            last_loss = step_loss / n_labels
-            tokens_seen += step_tokens
-            reporter.update(step, last_loss, tokens_seen / train_time)
+            progress.train_time += dt
+            progress.window_time += dt
+            progress.window_loss += step_loss
+            progress.window_labels += n_labels
+            progress.window_tokens += step_tokens
+            progress.micro_done += len(group)
+            epoch = progress.micro_done / per_epoch
+            progress.last_loss = step_loss / n_labels
+            progress.tokens_seen += step_tokens
+            reporter.update(step, progress.last_loss, progress.tokens_seen / progress.train_time)
 
             if step % cfg.train.logging_steps == 0 or step == len(steps):
                 metrics.write(
                     {
                         "step": step,
                         "epoch": round(epoch, 4),
-                        "loss": window_loss / window_labels,
+                        "loss": progress.window_loss / progress.window_labels,
                         "learning_rate": scheduler.get_last_lr()[0],
-                        "tokens_per_second": window_tokens / window_time,
+                        "tokens_per_second": progress.window_tokens / progress.window_time,
                     }
                 )
-                window_loss, window_labels, window_tokens, window_time = 0.0, 0, 0, 0.0
+                progress.window_loss, progress.window_labels = 0.0, 0
+                progress.window_tokens, progress.window_time = 0, 0.0
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != len(steps):
                 eval_loss = evaluate(loss_fn, eval_batches, dev)
                 metrics.write({"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss})
                 reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
+            saved = None
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step != len(steps):
-                checkpoint.save(run, step, peft_model, optimizer, scheduler)
-                run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
+                saved = save_checkpoint(step)
+            if interrupt.requested and step != len(steps):
+                saved = saved or save_checkpoint(step)
+                raise TrainingInterrupted(
+                    f"interrupted at step {step} of {len(steps)}; saved {saved}. "
+                    "Continue with the same command plus --resume"
+                )
 
     eval_after = evaluate(loss_fn, eval_batches, dev)
-    metrics.write({"step": len(steps), "epoch": round(micro_done / per_epoch, 4), "eval_loss": eval_after})
+    epochs = round(progress.micro_done / per_epoch, 4)
+    metrics.write({"step": len(steps), "epoch": epochs, "eval_loss": eval_after})
     metrics.close()
     with run_dir.atomic_dir(run / "adapter") as tmp:
         adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
@@ -306,14 +398,17 @@ def train(cfg: Config, overwrite: bool = False, quiet: bool = False, log=print) 
         "train_examples": len(ds.train),
         "eval_rows": ds.eval_rows,
         "eval_examples": len(ds.eval),
+        "skipped_bad_rows": ds.skipped_rows,
         "steps": len(steps),
-        "epochs": round(micro_done / per_epoch, 4),
-        "train_loss": train_losses[-1] if train_losses else last_loss,
+        "epochs": epochs,
+        "train_loss": train_losses[-1] if train_losses else progress.last_loss,
         "eval_loss": eval_after,
         "eval_loss_before": eval_before,
-        "runtime_s": round(train_time, 2),
-        "train_tokens": tokens_seen,
-        "tokens_per_second": round(tokens_seen / train_time, 2) if train_time else None,
+        "runtime_s": round(progress.train_time, 2),
+        "train_tokens": progress.tokens_seen,
+        "tokens_per_second": round(progress.tokens_seen / progress.train_time, 2)
+        if progress.train_time
+        else None,
         "device": device,
         "precision": precision,
         "trainable_parameters": n_train,
