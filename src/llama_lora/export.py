@@ -141,14 +141,15 @@ def write_gguf(src: Path, path: Path, kind: str, log=print) -> dict[str, Any]:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     rope = rope_parameters(config)
+    counts: dict[str, int] = {}
     if rope.get("rope_type") == "llama3":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         factors = llama3_rope_factors(config, head_dim, rope)
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+        counts["F32"] = 1
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
         raise ExportError(f"{src}: no .safetensors weights (save the model with safe_serialization=True)")
-    counts: dict[str, int] = {}
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
@@ -186,12 +187,14 @@ def probe(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[torch.
     """Prompt logits and `new_tokens` greedy tokens per prompt (no stopping: every position is compared)."""
     logits, tokens = [], []
     for ids in prompts:
-        x = torch.tensor([ids])
-        logits.append(model(input_ids=x).logits[0].float())
-        out = model.generate(
-            x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
-        tokens.append(out[0, len(ids) :].tolist())
+        x, cache, out = torch.tensor([ids]), None, []
+        for step in range(new_tokens):
+            result = model(input_ids=x, cache=cache, use_cache=True)
+            if step == 0:
+                logits.append(result.logits[0].float())
+            cache, x = result.cache, result.logits[:, -1:].argmax(-1)
+            out.append(int(x))
+        tokens.append(out)
     return logits, tokens
 
 
@@ -210,11 +213,12 @@ def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, An
     ref_logits, ref_tokens = probe(model, prompts, new_tokens)
     del model
     log("loading the GGUF file back with transformers and probing it ...")
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    extra = {}
     if rope.get("rope_type") == "llama3":  # transformers' GGUF loader does not read rope_freqs
-        config.rope_parameters = rope
+        extra["config"] = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        extra["config"].rope_parameters = rope
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
     ).eval()
     logits, tokens = probe(model, prompts, new_tokens)
     diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits))
