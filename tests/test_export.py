@@ -119,3 +119,20 @@ def test_other_architectures_are_refused(tmp_path):
     assert "not supported" in result.stderr and "Qwen2ForCausalLM" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_llama3_rope_factors_match_transformers():
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=2, max_position_embeddings=16384, rope_parameters=rope
+    )
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (5e5 ** (torch.arange(0, 32, 2).float() / 32))
+    factors = export.llama3_rope_factors(config, 32, export.rope_parameters(config))
+    assert np.allclose(factors, (plain / scaled).numpy(), rtol=1e-4)
+    assert factors.min() == 1.0 and factors.max() == 32.0
