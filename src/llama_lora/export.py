@@ -66,7 +66,7 @@ def rope_parameters(config) -> dict[str, Any]:
     return dict(params)
 
 
-def llama3_rope_factors(config, head_dim: int, rope: dict[str, Any]) -> np.ndarray:
+def llama3_rope_factors(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
     """Per-frequency divisors for llama3 rope scaling, as llama.cpp stores them in `rope_freqs.weight`."""
     base = rope.get("rope_theta", 10000.0)
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope["high_freq_factor"]
@@ -146,7 +146,7 @@ def write_gguf(src: Path, path: Path, kind: str, log=print) -> dict[str, Any]:
     counts: dict[str, int] = {}
     if rope.get("rope_type") == "llama3":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        factors = llama3_rope_factors(config, head_dim, rope)
+        factors = llama3_rope_factors(head_dim, rope)
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
         counts["F32"] = 1
     shards = sorted(src.glob("*.safetensors"))
