@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo demo-gguf test lint bench install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 	$(BIN)/llama-lora merge runs/demo
 	$(BIN)/llama-lora infer --base runs/demo/merged "Who are you, and what is the capital of Japan?"
 	@echo "demo artifacts: runs/demo (adapter/, report.html, report.md, loss.png), merged model in runs/demo/merged"
+
+# Optional last step of the demo: the merged demo model as a q8_0 GGUF file plus an Ollama Modelfile.
+demo-gguf: $(STAMP)
+	@test -f runs/demo/merged/config.json || $(MAKE) demo
+	$(BIN)/llama-lora export gguf runs/demo --out runs/demo/model.gguf --type q8_0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configurations and presets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+export_app = typer.Typer(help="Export a merged model for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -356,6 +358,28 @@ def runs(
         ]
         table.add_row(*(Text(c) for c in cells))  # Text: paths are not rich markup
     out.print(table)
+
+
+@export_app.command("gguf")
+def export_gguf(
+    source: Annotated[
+        str, typer.Argument(help="Merged model directory, or a run directory (uses RUN_DIR/merged).")
+    ],
+    out_file: Annotated[
+        str | None, typer.Option("--out", "-o", help="The .gguf file (default RUN_DIR/model-TYPE.gguf).")
+    ] = None,
+    kind: Annotated[str, typer.Option("--type", help="f16 or q8_0.")] = "f16",
+) -> None:
+    """Write a GGUF file for llama.cpp plus an Ollama Modelfile; verify it by loading it back."""
+    _quiet_libraries()
+    from llama_lora.export import export_gguf as run_export
+
+    report = run_export(source, out=out_file, kind=kind, log=err.print)
+    out.print(
+        f"wrote {report['gguf']} ({report['type']}, {report['size_bytes'] / 1e6:.0f} MB) in "
+        f"{report['runtime_s']:.0f}s: max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
+        f"{report['greedy_token_agreement']:.0%}; Modelfile and export_report.json beside it"
+    )
 
 
 @config_app.command("show")
