@@ -105,14 +105,23 @@ def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tokenizer):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
-def test_response_loss_gradients_match_the_full_logits_path(tiny_model_dir, tokenizer, monkeypatch):
-    """The chunked, checkpointed loss gives the same gradients as the plain full-logits loss."""
+@pytest.mark.parametrize("frozen_head", [True, False], ids=["fused-frozen-head", "checkpointed-trained-head"])
+def test_response_loss_gradients_match_the_full_logits_path(
+    tiny_model_dir, tokenizer, monkeypatch, frozen_head
+):
+    """The chunked loss gives the same gradients as the plain full-logits loss, both through the fused
+    linear-cross-entropy path (frozen head, as in adapter training) and the checkpointed one."""
     from transformers import AutoModelForCausalLM
 
     from llama_lora.data import tokenize
 
     monkeypatch.setattr(loss_mod, "CHUNK", 4)  # force several chunks
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model.get_output_embeddings().weight.requires_grad_(not frozen_head)
+    used = []
+    monkeypatch.setattr(
+        loss_mod.LinearCrossEntropy, "apply", _recording(loss_mod.LinearCrossEntropy.apply, used)
+    )
     examples = [
         tokenize([("Q", False), ("An answer of several tokens" + tokenizer.eos_token, True)], tokenizer)
     ]
@@ -126,6 +135,15 @@ def test_response_loss_gradients_match_the_full_logits_path(tiny_model_dir, toke
     assert mine.keys() == theirs.keys() and len(mine) > 5
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert bool(used) == frozen_head
+
+
+def _recording(fn, calls: list):
+    def wrapper(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapper
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path, tiny_model_dir, alpaca_file):

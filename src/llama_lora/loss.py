@@ -2,10 +2,15 @@
 
 A causal LM head applied to every position builds a batch x length x vocab logits tensor (49k vocab for
 SmolLM2, 128k for Llama-3.2) although the loss uses only response tokens. Here the decoder's hidden states
-are gathered at labelled positions first and only those go through lm_head, in chunks. When gradients are
-needed each chunk is checkpointed: its logits are recomputed in the backward pass instead of being kept,
-so at most one chunk of logits (CHUNK x vocab) exists at a time. That costs one extra lm_head matmul over
-the labelled positions and saves about 10 bytes x vocab per labelled token (0.5 MB per token here).
+are gathered at labelled positions first and only those go through lm_head, in chunks of CHUNK positions.
+
+The head is frozen (adapters never train it), so the loss needs a gradient for the hidden states only, and
+that gradient is known as soon as a chunk's logits are: d loss / d logits = softmax(logits) - onehot(target),
+so d loss / d h = (softmax - onehot) @ W. `LinearCrossEntropy` computes it in the forward pass, chunk by
+chunk, and keeps only that (n_labelled x hidden) tensor for backward. At most one chunk of logits exists at a
+time, and nothing is recomputed: compared with checkpointing each chunk (recompute logits, then autograd's
+log-softmax backward) this saves one lm_head matmul and the log-softmax backward per labelled token. A head
+that does require gradients (not something llama-lora trains) takes the plain checkpointed path.
 """
 
 from __future__ import annotations
@@ -17,7 +22,37 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_lora.data import IGNORE
 
-CHUNK = 1024  # labelled positions per lm_head call: 1024 x 49k vocab x 4 bytes = 200 MB of logits
+CHUNK = 512  # labelled positions per lm_head call: 512 x 49k vocab x 4 bytes = 100 MB of float32 logits
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) for a frozen W, with d/dh computed chunk by chunk in the forward pass.
+
+    h: (n, hidden), weight: (vocab, hidden), targets: (n,). Logits are formed in the matmul's dtype (bf16 under
+    autocast) and the softmax, logsumexp and loss are taken in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], CHUNK):
+            y = targets[start : start + CHUNK]
+            logits = F.linear(h[start : start + CHUNK], weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: logits are not needed again
+                probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None
 
 
 class ResponseLoss(nn.Module):
@@ -44,6 +79,9 @@ class ResponseLoss(nn.Module):
         keep = targets != IGNORE
         picked = hidden[:, :-1][keep]  # (n_labelled, hidden)
         wanted = targets[keep]
+
+        if not lm_head.weight.requires_grad and getattr(lm_head, "bias", None) is None:
+            return LinearCrossEntropy.apply(picked, lm_head.weight, wanted), keep.sum()
 
         def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
