@@ -31,7 +31,7 @@ class ModelConfig(Section):
     """Hub id, local model directory, `.gguf` file, or the alias `smollm2-135m-instruct`."""
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Storage dtype of the frozen base weights; `auto` = float32 on CPU/MPS, the compute dtype on CUDA."""
+    """Storage dtype of the frozen base weights; `auto` = the compute dtype under bf16/fp16, else float32."""
     trust_remote_code: bool = False
     allow_pickle: bool = False
     """Load pickled (`.bin`/`.pt`) weights, which can run code; off: only safetensors are loaded."""

@@ -247,12 +247,19 @@ def resolve_precision(device: str, requested: str) -> str:
 
 
 def storage_dtype(mcfg: ModelConfig, tcfg_device: str, precision: str) -> torch.dtype:
-    """dtype of the frozen base weights. Adapters are always kept in float32 by PEFT."""
+    """dtype of the frozen base weights: the compute dtype under bf16/fp16 autocast, else float32.
+
+    A frozen base gains nothing from float32 storage under autocast: every matmul casts its weight to the
+    compute dtype anyway, on every forward and backward. Storing it in that dtype skips those casts and halves
+    the weights' memory; the residual stream then runs in bf16 too (norms and softmax still upcast inside).
+    Adapters and their optimizer state stay float32. Measured on CPU (SmolLM2-135M, DoRA): same speed,
+    about 1.2 GB less peak RSS (bench/RESULTS.md).
+    """
     import torch
 
     if mcfg.dtype != "auto":
         return getattr(torch, mcfg.dtype)
-    if tcfg_device == "cuda" and precision in ("bf16", "fp16"):
+    if precision in ("bf16", "fp16"):
         return torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.float32
 
