@@ -127,3 +127,21 @@ def test_a_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "models" / path.rsplit("/", 1)[-1] / "config.json").read_text())
     assert "quantization_config" not in config
     assert models.local_path(ref, log=lambda *a: 1 / 0) == path  # cached: no second conversion
+
+
+def test_auto_gradient_checkpointing_follows_free_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from llama_lora import memory
+
+    config = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
+    per_token = memory.activation_bytes_per_token(config)
+    assert 60_000 * 30 < per_token < 100_000 * 30  # the measured 56-75 KB per layer-token, rounded up
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 20 * 2**30)
+    assert not memory.choose_checkpointing("auto", config, 1024, "cpu").enabled
+    assert memory.choose_checkpointing("auto", config, 1024 * 128, "cpu").enabled  # ~300 GB of activations
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 2 * 2**30)
+    choice = memory.choose_checkpointing("auto", config, 1024, "cpu")
+    assert choice.enabled and "2.0 GB free" in choice.reason
+    assert memory.choose_checkpointing(False, config, 1024 * 128, "cpu").enabled is False
+    assert memory.choose_checkpointing(True, config, 16, "cpu").enabled is True

@@ -106,7 +106,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in backward instead of keeping them. `auto`: only when one micro-batch's
+    activations would take more than half the free memory (see docs/memory.md)."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42

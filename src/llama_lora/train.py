@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from llama_lora import adapters, checkpoint, data, meta, models, run_dir, tracking
+from llama_lora import adapters, checkpoint, data, memory, meta, models, run_dir, tracking
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
@@ -246,7 +246,10 @@ def train(
         run = run_dir.prepare(run, overwrite)  # nothing is written before this point
     run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
 
-    if cfg.train.gradient_checkpointing:
+    longest_batch = batch_tokens(cfg, device) or cfg.train.batch_size * cfg.data.max_length
+    ckpt = memory.choose_checkpointing(cfg.train.gradient_checkpointing, model.config, longest_batch, device)
+    say(f"gradient checkpointing {'on' if ckpt.enabled else 'off'} ({ckpt.reason})")
+    if ckpt.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     initial = (
         run / ".init" / "adapter_init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
@@ -412,6 +415,7 @@ def train(
         "device": device,
         "precision": precision,
         "trainable_parameters": n_train,
+        "gradient_checkpointing": ckpt.enabled,
         **peak_memory_mb(device),
         "finished_at": run_dir.timestamp(),
     }
