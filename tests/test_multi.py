@@ -1,0 +1,118 @@
+"""Data parallel: two CPU processes (gloo) under torchrun train like one process with the same step groups,
+and only the main process writes the run directory. Also: QLoRA's clear error off CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_lora.config import load_config
+from llama_lora.errors import ConfigError
+from llama_lora.train import train
+
+from .conftest import tiny_overrides
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def torchrun(*args: str, processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # two processes share the machine
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.run(
+        [*command, "-m", "llama_lora", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_processes_match_one_process_with_the_same_step_groups(tmp_path, tiny_model_dir, alpaca_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    common = {"train.device": "cpu", "train.max_steps": 6, "train.eval_steps": 2, "train.logging_steps": 1}
+    two = tmp_path / "two"
+    done = torchrun(
+        "train",
+        "--quiet",
+        *tiny_overrides(tiny_model_dir, alpaca_file, two, **common, **{"train.save_steps": 3}),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done:") == 1  # only the main process reports
+
+    # one process whose optimizer steps hold the same micro-batches: grad_accum 2 = 2 processes x 1
+    one = tmp_path / "one"
+    single = train(
+        load_config(
+            overrides=tiny_overrides(tiny_model_dir, alpaca_file, one, **common, **{"train.grad_accum": 2})
+        ),
+        quiet=True,
+    )
+
+    # one run directory, written once, with nothing left over from the other process
+    names = sorted(p.name for p in two.iterdir())
+    assert names == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "loss.png",
+        "metrics.jsonl",
+        "train_summary.json",
+    ]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-3"]
+    rng = load_file(str(two / "checkpoints/checkpoint-3/rng.safetensors"))
+    assert "rank1_torch_cpu" in rng  # the other process's generator, for an exact resume
+
+    logged = records(two)
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert losses[0] > losses[-1]
+
+    # the gradient of each step is the single-process gradient of the same global batch
+    expected = records(one)
+    assert len(logged) == len(expected)
+    for got, want in zip(logged, expected):
+        assert got["step"] == want["step"]
+        for key in ("loss", "eval_loss"):
+            if want.get(key) is not None:
+                assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    assert summary["train_tokens"] == single.summary["train_tokens"]  # global, not one process's share
+    mine, reference = (
+        load_file(str(two / "adapter/adapter_model.safetensors")),
+        load_file(str(one / "adapter/adapter_model.safetensors")),
+    )
+    assert mine.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(two / "adapter"))  # plain PEFT loads it
+
+
+def test_load_in_4bit_off_cuda_is_a_clear_config_error(tmp_path, tiny_model_dir, alpaca_file):
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=tiny_overrides(
+            tiny_model_dir, alpaca_file, out, **{"model.load_in_4bit": True, "train.device": "cpu"}
+        )
+    )
+    with pytest.raises(ConfigError, match=r"^model\.load_in_4bit: .*CUDA") as caught:
+        train(cfg, quiet=True)
+    assert caught.value.exit_code == 2
+    assert not out.exists()  # raised before anything was written
