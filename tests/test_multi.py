@@ -116,3 +116,26 @@ def test_load_in_4bit_off_cuda_is_a_clear_config_error(tmp_path, tiny_model_dir,
         train(cfg, quiet=True)
     assert caught.value.exit_code == 2
     assert not out.exists()  # raised before anything was written
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_set_ups_are_refused_with_a_pointer_to_the_docs(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llama_lora import parallel
+
+    with pytest.raises(parallel.ParallelError, match="docs/multi_gpu.md") as caught:
+        parallel.check_supported(SimpleNamespace(distributed_type=DistributedType[kind]))
+    assert caught.value.exit_code == 2
+    parallel.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+def test_every_process_joins_every_all_reduce_even_in_a_short_last_step():
+    from llama_lora.parallel import my_share
+
+    group = [[0], [1], [2]]  # 3 micro-batches for 2 processes
+    assert my_share(group, 0, 2) == [([0], 1.0), ([2], 1.0)]
+    assert my_share(group, 1, 2) == [([1], 1.0), ([0], 0.0)]  # a weightless re-run keeps it in step
+    assert my_share([[5]], 0, 1) == [([5], 1.0)]

@@ -17,6 +17,28 @@ import math
 
 import torch
 
+from llama_lora.errors import LlamaLoraError
+
+
+class ParallelError(LlamaLoraError):
+    pass
+
+
+# Sharded set-ups: the adapter, optimizer state and eval would need gathering that this loop does not do.
+UNSUPPORTED = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM", "XLA": "XLA/TPU"}
+
+
+def check_supported(accelerator) -> None:
+    """Plain data parallel (DDP, one process or many) only; say so before any slow work."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in UNSUPPORTED:
+        raise ParallelError(
+            f"accelerate config: {UNSUPPORTED[kind]} is not supported by llama-lora's training loop (it "
+            "would save sharded adapters and optimizer state); use plain data parallel (distributed_type: "
+            "MULTI_GPU, or torchrun), and model.load_in_4bit: true for a base that does not fit one GPU. "
+            "See docs/multi_gpu.md"
+        )
+
 
 def my_share(group: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
     """This process's (micro-batch, weight) pairs of a step's group.

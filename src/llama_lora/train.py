@@ -259,6 +259,7 @@ def train(
     models.check_load_in_4bit(cfg.model, device)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
     accelerator = build_accelerator(device, precision)
+    parallel.check_supported(accelerator)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = (lambda *a: None) if quiet or not main else log
     start_from = resume_point(cfg, resume)
