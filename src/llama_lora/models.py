@@ -304,7 +304,9 @@ def load_model_4bit(
         ref,
         "model",
         mcfg,
-        dtype=compute_dtype,
+        # the layers left unquantized (embeddings, norms) in float32: prepare_model_for_kbit_training casts
+        # them up anyway, and exact values keep the base fingerprint equal to the float base's
+        dtype=torch.float32,
         quantization_config=quant,
         # quantized weights cannot be moved later: put them on this process's GPU now (LOCAL_RANK under DDP)
         device_map={"": torch.cuda.current_device()},
