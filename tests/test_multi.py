@@ -139,3 +139,18 @@ def test_every_process_joins_every_all_reduce_even_in_a_short_last_step():
     assert my_share(group, 0, 2) == [([0], 1.0), ([2], 1.0)]
     assert my_share(group, 1, 2) == [([1], 1.0), ([0], 0.0)]  # a weightless re-run keeps it in step
     assert my_share([[5]], 0, 1) == [([5], 1.0)]
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_package(monkeypatch):
+    import importlib.util
+
+    from llama_lora import models
+    from llama_lora.config import ModelConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"^model\.load_in_4bit: needs the bitsandbytes package"):
+        models.check_load_in_4bit(ModelConfig(load_in_4bit=True), "cuda")
+    models.check_load_in_4bit(ModelConfig(), "cpu")  # off: nothing to check
