@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from llama_lora import run_dir
@@ -147,6 +148,22 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) 
             + (f" (and {len(changed) - 1} more changed keys)" if len(changed) > 1 else "")
             + "; resume with the same settings or start a new run with --overwrite"
         )
+
+
+RESUME_LATEST = "latest"
+
+
+def resume_point(run: Path, resume: str | None, config: dict[str, Any]) -> Path | None:
+    """The checkpoint of `run` to continue from (None for a fresh run); refuses one made with settings other
+    than `config` (the resolved config as a dict)."""
+    if not resume:
+        return None
+    found = find(run, None if resume == RESUME_LATEST else resume)
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"--resume: {run} has no config.yaml, so it is not a llama-lora run")
+    check_same_run(yaml.safe_load(saved.read_text()), config, run)
+    return found
 
 
 # ------------------------------------------------------------------------------------------ loading

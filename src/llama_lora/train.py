@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from llama_lora import adapters, checkpoint, data, meta, models, parallel, run_dir, tracking
 from llama_lora.batching import collate, pad_id_for, plan_batches
@@ -229,22 +228,6 @@ class SigintFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-RESUME_LATEST = "latest"
-
-
-def resume_point(cfg: Config, resume: str | None) -> Path | None:
-    """The checkpoint to continue from (None for a fresh run); refuses one made with other settings."""
-    if not resume:
-        return None
-    run = Path(cfg.output.dir)
-    found = checkpoint.find(run, None if resume == RESUME_LATEST else resume)
-    saved = run / "config.yaml"
-    if not saved.is_file():
-        raise TrainingError(f"--resume: {run} has no config.yaml, so it is not a llama-lora run")
-    checkpoint.check_same_run(yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json"), run)
-    return found
-
-
 def train(
     cfg: Config, overwrite: bool = False, quiet: bool = False, log=print, resume: str | None = None
 ) -> TrainResult:
@@ -262,7 +245,7 @@ def train(
     parallel.check_supported(accelerator)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = (lambda *a: None) if quiet or not main else log
-    start_from = resume_point(cfg, resume)
+    start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
     ref = models.resolve(cfg.model.name)
     tokenizer = models.load_tokenizer(cfg.model, ref)
     ds = load_dataset(cfg, tokenizer)
