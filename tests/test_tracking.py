@@ -55,7 +55,7 @@ def test_report_to_rejects_unknown_trackers_naming_the_key():
 
 def test_metrics_log_sends_each_record_to_sinks_and_closes_them(tmp_path):
     sink = FakeSink()
-    log = run_dir.MetricsLog(tmp_path / "metrics.jsonl", [sink])
+    log = run_dir.MetricsLog(tmp_path / "metrics.jsonl", sinks=[sink])
     log.write({"step": 0, "epoch": 0.0, "eval_loss": None})  # no eval data: nothing to track
     log.write({"step": 1, "epoch": 0.5, "loss": 2.5, "learning_rate": 1e-3, "tokens_per_second": 100.0})
     log.write({"step": 1, "epoch": 0.5, "eval_loss": float("nan")})  # non-finite: null in jsonl, not tracked
@@ -72,7 +72,7 @@ def test_metrics_log_sends_each_record_to_sinks_and_closes_them(tmp_path):
 
 def test_sinks_of_a_log_dropped_without_close_end_as_failed(tmp_path):
     sink = FakeSink()
-    log = run_dir.MetricsLog(tmp_path / "metrics.jsonl", [sink])
+    log = run_dir.MetricsLog(tmp_path / "metrics.jsonl", sinks=[sink])
     log.write({"step": 1, "loss": 1.0})
     del log  # what happens to train()'s log when the loop raises
     gc.collect()
@@ -135,7 +135,7 @@ def test_wandb_is_offline_by_default_and_gets_config_and_records(tmp_path, monke
     monkeypatch.setenv("HF_TOKEN", "hf_do_not_leak")
     monkeypatch.setattr(tracking, "_installed", lambda module: True)
     cfg = load_config(overrides=["train.report_to=wandb", f"output.dir={tmp_path / 'r1'}"])
-    log = run_dir.MetricsLog(tmp_path / "m.jsonl", tracking.open_sinks(cfg, tmp_path / "r1"))
+    log = run_dir.MetricsLog(tmp_path / "m.jsonl", sinks=tracking.open_sinks(cfg, tmp_path / "r1"))
     log.write({"step": 2, "epoch": 0.1, "loss": 0.75})
     log.close()
     (_, _, init_kwargs), *rest = calls
@@ -155,7 +155,7 @@ def test_mlflow_logs_to_local_mlruns_unless_told_otherwise(tmp_path, monkeypatch
     monkeypatch.setattr(tracking, "_installed", lambda module: True)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(overrides=["train.report_to=[mlflow]"])
-    log = run_dir.MetricsLog(tmp_path / "m.jsonl", tracking.open_sinks(cfg, tmp_path / "r2"))
+    log = run_dir.MetricsLog(tmp_path / "m.jsonl", sinks=tracking.open_sinks(cfg, tmp_path / "r2"))
     log.write({"step": 4, "epoch": 0.2, "eval_loss": 1.25})
     del log  # dropped without close: the run ends as failed
     gc.collect()

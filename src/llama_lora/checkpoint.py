@@ -2,7 +2,8 @@
 
     adapter/                 the raw (unconverted) adapter, PEFT format
     optimizer.safetensors    AdamW moments and step counts
-    rng.safetensors          torch (CPU and CUDA), python and numpy generator states
+    rng.safetensors          torch (CPU and CUDA), python and numpy generator states (+ the torch states of
+                             the other processes of a data-parallel run, `rank<r>_torch_*`)
     trainer_state.json       step, scheduler state, optimizer param groups, the loop's counters
 
 Everything tensor-valued is stored as safetensors (never pickle, so loading never runs `torch.load`); the rest
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from llama_lora import run_dir
@@ -70,10 +72,17 @@ def rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def save(
-    run: Path, step: int, peft_model, optimizer, scheduler, counters: dict[str, Any], scaler=None
+    run: Path,
+    step: int,
+    peft_model,
+    optimizer,
+    scheduler,
+    counters: dict[str, Any],
+    scaler=None,
+    other_ranks_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically. `counters` are the loop's running totals (tokens, time, ...);
-    `scaler` is the fp16 loss scaler, if any."""
+    `scaler` is the fp16 loss scaler, if any; `other_ranks_rng` from parallel.rng_states."""
     target = run / "checkpoints" / f"checkpoint-{step}"
     with run_dir.atomic_dir(target) as tmp:
         # the raw (unconverted) adapter: resuming continues from exactly this state
@@ -81,6 +90,7 @@ def save(
         tensors, meta = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         rng, meta["rng"] = rng_tensors()
+        rng.update(other_ranks_rng or {})
         save_file(rng, str(tmp / "rng.safetensors"))
         meta["scheduler"] = scheduler.state_dict()
         meta["step"] = step
@@ -140,6 +150,22 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) 
         )
 
 
+RESUME_LATEST = "latest"
+
+
+def resume_point(run: Path, resume: str | None, config: dict[str, Any]) -> Path | None:
+    """The checkpoint of `run` to continue from (None for a fresh run); refuses one made with settings other
+    than `config` (the resolved config as a dict)."""
+    if not resume:
+        return None
+    found = find(run, None if resume == RESUME_LATEST else resume)
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"--resume: {run} has no config.yaml, so it is not a llama-lora run")
+    check_same_run(yaml.safe_load(saved.read_text()), config, run)
+    return found
+
+
 # ------------------------------------------------------------------------------------------ loading
 
 
@@ -167,8 +193,12 @@ def restore_rng(path: Path, info: dict[str, Any]) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load(path: Path, peft_model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
+def load(
+    path: Path, peft_model, optimizer, scheduler, scaler=None, rank: int = 0, device=None
+) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and RNG from checkpoint `path`; returns step and counters.
+    In a data-parallel run every process loads the same files; process `rank` (on `device`) then takes
+    back its own torch generator state.
 
     Call it after the model, adapter and optimizer are set up (set-up draws random numbers), so the
     restored generator continues exactly where the saved run stopped: same dropout masks from here on."""
@@ -186,4 +216,8 @@ def load(path: Path, peft_model, optimizer, scheduler, scaler=None) -> dict[str,
     if scaler is not None and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])
     restore_rng(path, meta["rng"])
+    if rank:
+        from llama_lora import parallel
+
+        parallel.restore_rng(load_file(str(path / "rng.safetensors")), rank, torch.device(device or "cpu"))
     return {"step": meta["step"], "counters": meta["counters"]}

@@ -92,7 +92,10 @@ def train(
     _quiet_libraries()
     from llama_lora.train import train as run_training
 
-    summary = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print, resume=resume).summary
+    result = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print, resume=resume)
+    if not result.main:  # another process of a data-parallel run: the main one reports
+        return
+    summary = result.summary
     before, after = summary["eval_loss_before"], summary["eval_loss"]
     evals = f"eval loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
     out.print(

@@ -35,6 +35,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     """Load pickled (`.bin`/`.pt`) weights, which can run code; off: only safetensors are loaded."""
+    load_in_4bit: bool = False
+    """QLoRA: train on a 4-bit (NF4) base via bitsandbytes; CUDA only. Merging uses the unquantized base."""
 
 
 class DataConfig(Section):

@@ -267,3 +267,61 @@ def storage_dtype(mcfg: ModelConfig, tcfg_device: str, precision: str) -> torch.
 def describe_device(tcfg: TrainConfig) -> tuple[str, str]:
     device = resolve_device(tcfg.device)
     return device, resolve_precision(device, tcfg.precision)
+
+
+# ------------------------------------------------------------------------------- QLoRA (4-bit base)
+
+
+def check_load_in_4bit(mcfg: ModelConfig, device: str) -> None:
+    """`model.load_in_4bit` needs CUDA and bitsandbytes; say so before any slow work."""
+    if not mcfg.load_in_4bit:
+        return
+    if device != "cuda":
+        raise ConfigError(
+            f"model.load_in_4bit: 4-bit (QLoRA) loading needs a CUDA device and bitsandbytes; this run is on "
+            f"{device}. Set model.load_in_4bit: false"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.load_in_4bit: needs the bitsandbytes package (`pip install bitsandbytes`), which is not "
+            "installed"
+        )
+
+
+def load_model_4bit(
+    mcfg: ModelConfig, compute_dtype: torch.dtype, gradient_checkpointing: bool, ref: ModelRef | None = None
+):
+    """The base model quantized to 4-bit NF4 (double-quantized) on this process's GPU, made ready for
+    k-bit training. Only `train` loads in 4-bit; `merge`, `infer` and `export` load the float base."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ref = ref or resolve(mcfg.name)
+    if ref.kind == "local":
+        refuse_pickled(Path(ref.path), mcfg.allow_pickle)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        ref,
+        "model",
+        mcfg,
+        # the layers left unquantized (embeddings, norms) in float32: prepare_model_for_kbit_training casts
+        # them up anyway, and exact values keep the base fingerprint equal to the float base's
+        dtype=torch.float32,
+        quantization_config=quant,
+        # quantized weights cannot be moved later: put them on this process's GPU now (LOCAL_RANK under DDP)
+        device_map={"": torch.cuda.current_device()},
+        use_safetensors=None if mcfg.allow_pickle else True,
+    )
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )

@@ -31,14 +31,19 @@ class RunDirError(LlamaLoraError):
     pass
 
 
+def refuse_existing(path: Path, overwrite: bool = False) -> None:
+    """Refuse to clobber an earlier run unless `overwrite` (writes nothing)."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"output.dir: {path} already holds a run; pass --overwrite to replace it or choose another "
+            "output.dir"
+        )
+
+
 def prepare(path: Path, overwrite: bool = False) -> Path:
     """Create the run directory; refuse to clobber an earlier run unless `overwrite`."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"output.dir: {path} already holds a run; pass --overwrite to replace it or choose another "
-                "output.dir"
-            )
+    refuse_existing(path, overwrite)
+    if path.exists():
         for child in path.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
@@ -102,10 +107,13 @@ class MetricsLog:
 
     Every record also goes to `sinks` (see tracking.py) at the record's step. `close()` ends them as
     finished; a log dropped without `close()` (training raised) ends them as failed when it is collected
-    or at interpreter exit.
+    or at interpreter exit. With `path` None the records are only kept in memory (the processes other than
+    the main one of a data-parallel run).
     """
 
-    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None, sinks: list | None = None):
+    def __init__(
+        self, path: Path | None, records: list[dict[str, Any]] | None = None, sinks: list | None = None
+    ):
         self.path = path
         self.records: list[dict[str, Any]] = list(records or [])
         self.sinks = list(sinks or [])
@@ -114,6 +122,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         self.records.append(record)
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         values = tracked_values(record)

@@ -3,6 +3,9 @@
 load tokenizer -> data -> model -> (validate; only now create the run dir) -> attach adapter
 [resume: restore adapter, optimizer, scheduler, RNG and counters from a checkpoint; skip the steps it covers]
 loop: forward (response-token loss) -> backward -> clip -> step -> schedule -> log / eval / save
+
+Under `torchrun` / `accelerate launch` every process runs this same function on its share of each step's
+micro-batches (see parallel.py); only the main process writes the run directory and prints.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -20,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from llama_lora import adapters, checkpoint, data, memory, meta, models, run_dir, tracking
+from llama_lora import adapters, checkpoint, data, memory, meta, models, parallel, run_dir, tracking
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
@@ -94,8 +97,11 @@ def batch_tokens(cfg: Config, device: str) -> int | None:
     return AUTO_BATCH_TOKENS.get(device, 1024) if budget == "auto" else budget
 
 
-def micro_batch_plan(ds: Dataset, cfg: Config, device: str = "cpu") -> tuple[list[list[int]], int]:
-    """All micro-batches of the run in order, and how many one epoch has."""
+def micro_batch_plan(
+    ds: Dataset, cfg: Config, device: str = "cpu", processes: int = 1
+) -> tuple[list[list[int]], int]:
+    """All micro-batches of the run in order, and how many one epoch has. An optimizer step takes
+    `processes` x grad_accum of them (see parallel.py)."""
     tcfg = cfg.train
     lengths = [len(e) for e in ds.train]
     budget = batch_tokens(cfg, device)
@@ -106,7 +112,7 @@ def micro_batch_plan(ds: Dataset, cfg: Config, device: str = "cpu") -> tuple[lis
     per_epoch = len(epoch_plan(0))
     plan: list[list[int]] = []
     if tcfg.max_steps:
-        wanted = tcfg.max_steps * tcfg.grad_accum
+        wanted = tcfg.max_steps * tcfg.grad_accum * processes
         epoch = 0
         while len(plan) < wanted:
             plan.extend(epoch_plan(epoch))
@@ -130,9 +136,8 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> float | None:
-    if not batches:
-        return None
+def eval_sums(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> tuple[float, int]:
+    """Summed response-token loss and the number of those tokens over `batches`."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
@@ -141,6 +146,13 @@ def evaluate(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> float |
         total += float(s)
         count += int(n)
     loss_fn.train(was_training)
+    return total, count
+
+
+def evaluate(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> float | None:
+    if not batches:
+        return None
+    total, count = eval_sums(loss_fn, batches, device)
     return total / max(count, 1)
 
 
@@ -148,7 +160,9 @@ def build_accelerator(device: str, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)  # each run in a process gets its own device/precision settings
+    # each run in a process gets its own device/precision settings; safe under torchrun too, since
+    # accelerate only creates the process group when none exists
+    AcceleratorState._reset_state(True)
     return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
 
 
@@ -158,6 +172,16 @@ class TrainResult:
     model: Any  # the PeftModel in memory after training
     tokenizer: Any
     run: Path
+    main: bool = True  # False on the other processes of a data-parallel run (they wrote nothing)
+
+
+def load_base(cfg: Config, device: str, precision: str, ref: models.ModelRef):
+    """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
+    if cfg.model.load_in_4bit:
+        compute = torch.float16 if precision == "fp16" else torch.bfloat16
+        # checkpointing is decided (and enabled) by the caller, as for a float base
+        return models.load_model_4bit(cfg.model, compute, False, ref)
+    return models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
 
 
 @dataclass
@@ -172,6 +196,7 @@ class Progress:
     window_labels: int = 0
     window_tokens: int = 0
     window_time: float = 0.0
+    processes: int = 1  # the data-parallel width: a checkpoint resumes only with the same one
 
 
 class TrainingInterrupted(TrainingError):
@@ -201,22 +226,6 @@ class SigintFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-RESUME_LATEST = "latest"
-
-
-def resume_point(cfg: Config, resume: str | None) -> Path | None:
-    """The checkpoint to continue from (None for a fresh run); refuses one made with other settings."""
-    if not resume:
-        return None
-    run = Path(cfg.output.dir)
-    found = checkpoint.find(run, None if resume == RESUME_LATEST else resume)
-    saved = run / "config.yaml"
-    if not saved.is_file():
-        raise TrainingError(f"--resume: {run} has no config.yaml, so it is not a llama-lora run")
-    checkpoint.check_same_run(yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json"), run)
-    return found
-
-
 def train(
     cfg: Config, overwrite: bool = False, quiet: bool = False, log=print, resume: str | None = None
 ) -> TrainResult:
@@ -226,42 +235,53 @@ def train(
     checkpoint; the result equals the uninterrupted run's."""
     from transformers import get_scheduler, set_seed
 
-    say = (lambda *a: None) if quiet else log
     tracking.check_installed(cfg.train.report_to)  # a missing tracker fails before any slow work
     device, precision = models.describe_device(cfg.train)
+    models.check_load_in_4bit(cfg.model, device)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
-    start_from = resume_point(cfg, resume)
+    accelerator = build_accelerator(device, precision)
+    parallel.check_supported(accelerator)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = (lambda *a: None) if quiet or not main else log
+    start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
     ref = models.resolve(cfg.model.name)
     tokenizer = models.load_tokenizer(cfg.model, ref)
     ds = load_dataset(cfg, tokenizer)
     for note in ds.notes:
         say(note)
 
-    set_seed(cfg.train.seed)
-    model = models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
+    set_seed(cfg.train.seed)  # the same on every process: the same initial adapter everywhere
+    model = load_base(cfg, device, precision, ref)
     adapters.check_targets(model, cfg.peft.target_modules)
     fingerprint = meta.base_fingerprint(model)
     run = Path(cfg.output.dir)
     if start_from is None:
-        run = run_dir.prepare(run, overwrite)  # nothing is written before this point
-    run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
+        run_dir.refuse_existing(run, overwrite)  # every process checks before the main one writes
+    accelerator.wait_for_everyone()
+    if main:
+        if start_from is None:
+            run = run_dir.prepare(run, overwrite)  # nothing is written before this point
+        run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
 
     longest_batch = batch_tokens(cfg, device) or cfg.train.batch_size * cfg.data.max_length
     ckpt = memory.choose_checkpointing(cfg.train.gradient_checkpointing, model.config, longest_batch, device)
     say(f"gradient checkpointing {'on' if ckpt.enabled else 'off'} ({ckpt.reason})")
     if ckpt.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    initial = (
-        run / ".init" / "adapter_init" if adapters.converts_on_save(cfg.peft.init_lora_weights) else None
-    )
+    initial = None
+    if adapters.converts_on_save(cfg.peft.init_lora_weights):  # other processes keep theirs out of the run
+        initial = (
+            run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
+        ) / "adapter_init"
     peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32")
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
-        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}); device {device}, precision {precision}"
+        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}"
+        f"{', 4-bit base' if cfg.model.load_in_4bit else ''}); device {device}, precision {precision}"
+        + (f", {world} processes" if world > 1 else "")
     )
 
-    accelerator = build_accelerator(device, precision)
     loss_fn = ResponseLoss(peft_model)
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -270,18 +290,23 @@ def train(
         weight_decay=cfg.train.weight_decay,
         fused=cfg.train.optim == "adamw_torch_fused" or None,
     )
-    plan, per_epoch = micro_batch_plan(ds, cfg, device)
-    accum = cfg.train.grad_accum
-    steps = [plan[i : i + accum] for i in range(0, len(plan), accum)]
+    plan, per_epoch = micro_batch_plan(ds, cfg, device, world)
+    per_step = cfg.train.grad_accum * world
+    steps = [plan[i : i + per_step] for i in range(0, len(plan), per_step)]
     scheduler = get_scheduler(
         cfg.train.lr_scheduler,
         optimizer,
         num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
         num_training_steps=len(steps),
     )
-    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    # a 4-bit model already sits on its GPU and cannot be moved
+    loss_fn, optimizer = accelerator.prepare(
+        loss_fn, optimizer, device_placement=[not cfg.model.load_in_4bit, True]
+    )
+    eval_fn = accelerator.unwrap_model(loss_fn)  # evaluation needs no gradient sync between processes
     dev = accelerator.device
     pad = pad_id_for(tokenizer)
+    labelled = [sum(1 for y in e.labels[1:] if y != data.IGNORE) for e in ds.train]
     eval_batches = [
         collate([ds.eval[i] for i in b], pad)
         for b in plan_batches(
@@ -289,48 +314,75 @@ def train(
         )
     ]
 
+    def run_eval() -> float | None:
+        """Each process evaluates every world-th batch; the sums are added up (all processes call this)."""
+        if not eval_batches:
+            return None
+        total, count = parallel.sum_across(accelerator, *eval_sums(eval_fn, eval_batches[rank::world], dev))
+        return total / max(count, 1)
+
     def open_sinks() -> list:
-        return tracking.open_sinks(cfg, run, accelerator.is_main_process)
+        return tracking.open_sinks(cfg, run, main)
 
     def save_checkpoint(step: int) -> Path:
-        saved = checkpoint.save(
-            run, step, peft_model, optimizer, scheduler, asdict(progress), accelerator.scaler
-        )
-        run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
-        return saved
+        other_rng = parallel.rng_states(accelerator)  # every process takes part
+        if main:
+            checkpoint.save(
+                run, step, peft_model, optimizer, scheduler, asdict(progress), accelerator.scaler, other_rng
+            )
+            run_dir.prune_checkpoints(run, cfg.train.save_total_limit)
+        accelerator.wait_for_everyone()
+        return run / "checkpoints" / f"checkpoint-{step}"
 
     if start_from is None:
         first = 0
-        progress = Progress()
-        metrics = run_dir.MetricsLog(run / "metrics.jsonl", sinks=open_sinks())
-        eval_before = evaluate(loss_fn, eval_batches, dev)
+        progress = Progress(processes=world)
+        metrics = run_dir.MetricsLog(run / "metrics.jsonl" if main else None, sinks=open_sinks())
+        eval_before = run_eval()
         metrics.write({"step": 0, "epoch": 0.0, "eval_loss": eval_before})
         if eval_before is not None:
             say(f"eval loss before training: {eval_before:.4f}")
     else:  # continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG, counters
-        restored = checkpoint.load(start_from, peft_model, optimizer, scheduler, accelerator.scaler)
+        restored = checkpoint.load(
+            start_from, peft_model, optimizer, scheduler, accelerator.scaler, rank, dev
+        )
         first, progress = restored["step"], Progress(**restored["counters"])
-        for later in run_dir.checkpoint_dirs(run):  # an abandoned future when resuming an older checkpoint
-            if run_dir.checkpoint_step(later) > first:
-                shutil.rmtree(later)
-        metrics = run_dir.metrics_up_to(run / "metrics.jsonl", first, open_sinks())
+        if progress.processes != world:
+            raise TrainingError(
+                f"--resume: {start_from} was saved by a run on {progress.processes} process(es); resume it "
+                f"with the same number (this one has {world}), since the batches of each step depend on it"
+            )
+        if main:
+            for later in run_dir.checkpoint_dirs(
+                run
+            ):  # an abandoned future when resuming an older checkpoint
+                if run_dir.checkpoint_step(later) > first:
+                    shutil.rmtree(later)
+            metrics = run_dir.metrics_up_to(run / "metrics.jsonl", first, open_sinks())
+        accelerator.wait_for_everyone()
+        if not main:
+            kept = [r for r in run_dir.read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= first]
+            metrics = run_dir.MetricsLog(None, kept)
         eval_before = next((r.get("eval_loss") for r in metrics.records if r["step"] == 0), None)
         say(f"resuming from {start_from} (step {first} of {len(steps)})")
 
     loss_fn.train()
-    reporter = Reporter(total=len(steps), quiet=quiet)
+    reporter = Reporter(total=len(steps), quiet=quiet or not main)
     with reporter, SigintFlag() as interrupt:
         for step, group in enumerate(steps[first:], start=first + 1):
             t0 = time.perf_counter()
-            batches = [collate([ds.train[i] for i in b], pad) for b in group]
-            n_labels = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
+            n_labels = sum(labelled[i] for b in group for i in b)  # the whole group's, on every process
             step_tokens = sum(len(ds.train[i]) for b in group for i in b)  # non-padding tokens
+            share = parallel.my_share(group, rank, world)
             step_loss = 0.0
-            for batch in batches:
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                loss_sum, _ = loss_fn(**batch)
-                accelerator.backward(loss_sum / n_labels)
-                step_loss += float(loss_sum.detach())
+            for slot, (b, weight) in enumerate(share):
+                batch = {k: v.to(dev) for k, v in collate([ds.train[i] for i in b], pad).items()}
+                with parallel.sync_unless_last(accelerator, loss_fn, last=slot == len(share) - 1):
+                    loss_sum, _ = loss_fn(**batch)
+                    # DDP averages gradients over processes; x world makes it the group's sum / n_labels
+                    accelerator.backward(loss_sum * (weight * world) / n_labels)
+                step_loss += weight * float(loss_sum.detach())
+            step_loss, stop = parallel.sum_across(accelerator, step_loss, float(interrupt.requested))
             if not math.isfinite(step_loss):
                 good = [p for p in run_dir.checkpoint_dirs(run) if checkpoint.is_complete(p)]
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
@@ -368,26 +420,28 @@ def train(
                 progress.window_loss, progress.window_labels = 0.0, 0
                 progress.window_tokens, progress.window_time = 0, 0.0
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != len(steps):
-                eval_loss = evaluate(loss_fn, eval_batches, dev)
+                eval_loss = run_eval()
                 metrics.write({"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss})
                 reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
             saved = None
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step != len(steps):
                 saved = save_checkpoint(step)
-            if interrupt.requested and step != len(steps):
+            if stop and step != len(steps):  # any process's Ctrl-C stops all of them at the same step
                 saved = saved or save_checkpoint(step)
                 raise TrainingInterrupted(
                     f"interrupted at step {step} of {len(steps)}; saved {saved}. "
                     "Continue with the same command plus --resume"
                 )
 
-    eval_after = evaluate(loss_fn, eval_batches, dev)
+    eval_after = run_eval()
     epochs = round(progress.micro_done / per_epoch, 4)
     metrics.write({"step": len(steps), "epoch": epochs, "eval_loss": eval_after})
     metrics.close()
-    with run_dir.atomic_dir(run / "adapter") as tmp:
-        adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
-        meta.write_meta(tmp, cfg.model_dump(mode="json"), ds.template, fingerprint)
+    if main:
+        with run_dir.atomic_dir(run / "adapter") as tmp:
+            adapters.save_adapter(peft_model, tmp, tokenizer, initial_dir=initial)
+            meta.write_meta(tmp, cfg.model_dump(mode="json"), ds.template, fingerprint)
+    accelerator.wait_for_everyone()
     if initial is not None:
         shutil.rmtree(initial.parent, ignore_errors=True)
 
@@ -408,17 +462,22 @@ def train(
         "eval_loss": eval_after,
         "eval_loss_before": eval_before,
         "runtime_s": round(progress.train_time, 2),
-        "train_tokens": progress.tokens_seen,
+        "train_tokens": progress.tokens_seen,  # all processes together, as is tokens_per_second
         "tokens_per_second": round(progress.tokens_seen / progress.train_time, 2)
         if progress.train_time
         else None,
+        "processes": world,
         "device": device,
         "precision": precision,
+        "load_in_4bit": cfg.model.load_in_4bit,
         "trainable_parameters": n_train,
         "gradient_checkpointing": ckpt.enabled,
-        **peak_memory_mb(device),
+        **peak_memory_mb(device),  # of the main process
         "finished_at": run_dir.timestamp(),
     }
-    run_dir.write_json(run / "train_summary.json", summary)
-    run_dir.plot_losses(metrics.records, run / "loss.png", title=f"{cfg.model.name} ({summary['method']})")
-    return TrainResult(summary, peft_model, tokenizer, run)
+    if main:
+        run_dir.write_json(run / "train_summary.json", summary)
+        run_dir.plot_losses(
+            metrics.records, run / "loss.png", title=f"{cfg.model.name} ({summary['method']})"
+        )
+    return TrainResult(summary, peft_model, tokenizer, run, main)

@@ -1,0 +1,156 @@
+"""Data parallel: two CPU processes (gloo) under torchrun train like one process with the same step groups,
+and only the main process writes the run directory. Also: QLoRA's clear error off CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_lora.config import load_config
+from llama_lora.errors import ConfigError
+from llama_lora.train import train
+
+from .conftest import tiny_overrides
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def torchrun(*args: str, processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # two processes share the machine
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.run(
+        [*command, "-m", "llama_lora", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_processes_match_one_process_with_the_same_step_groups(tmp_path, tiny_model_dir, alpaca_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    common = {"train.device": "cpu", "train.max_steps": 6, "train.eval_steps": 2, "train.logging_steps": 1}
+    two = tmp_path / "two"
+    done = torchrun(
+        "train",
+        "--quiet",
+        *tiny_overrides(tiny_model_dir, alpaca_file, two, **common, **{"train.save_steps": 3}),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done:") == 1  # only the main process reports
+
+    # one process whose optimizer steps hold the same micro-batches: grad_accum 2 = 2 processes x 1
+    one = tmp_path / "one"
+    single = train(
+        load_config(
+            overrides=tiny_overrides(tiny_model_dir, alpaca_file, one, **common, **{"train.grad_accum": 2})
+        ),
+        quiet=True,
+    )
+
+    # one run directory, written once, with nothing left over from the other process
+    names = sorted(p.name for p in two.iterdir())
+    assert names == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "loss.png",
+        "metrics.jsonl",
+        "train_summary.json",
+    ]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-3"]
+    rng = load_file(str(two / "checkpoints/checkpoint-3/rng.safetensors"))
+    assert "rank1_torch_cpu" in rng  # the other process's generator, for an exact resume
+
+    logged = records(two)
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert losses[0] > losses[-1]
+
+    # the gradient of each step is the single-process gradient of the same global batch
+    expected = records(one)
+    assert len(logged) == len(expected)
+    for got, want in zip(logged, expected):
+        assert got["step"] == want["step"]
+        for key in ("loss", "eval_loss"):
+            if want.get(key) is not None:
+                assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    assert summary["train_tokens"] == single.summary["train_tokens"]  # global, not one process's share
+    mine, reference = (
+        load_file(str(two / "adapter/adapter_model.safetensors")),
+        load_file(str(one / "adapter/adapter_model.safetensors")),
+    )
+    assert mine.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(two / "adapter"))  # plain PEFT loads it
+
+
+def test_load_in_4bit_off_cuda_is_a_clear_config_error(tmp_path, tiny_model_dir, alpaca_file):
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=tiny_overrides(
+            tiny_model_dir, alpaca_file, out, **{"model.load_in_4bit": True, "train.device": "cpu"}
+        )
+    )
+    with pytest.raises(ConfigError, match=r"^model\.load_in_4bit: .*CUDA") as caught:
+        train(cfg, quiet=True)
+    assert caught.value.exit_code == 2
+    assert not out.exists()  # raised before anything was written
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_set_ups_are_refused_with_a_pointer_to_the_docs(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llama_lora import parallel
+
+    with pytest.raises(parallel.ParallelError, match="docs/multi_gpu.md") as caught:
+        parallel.check_supported(SimpleNamespace(distributed_type=DistributedType[kind]))
+    assert caught.value.exit_code == 2
+    parallel.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+def test_every_process_joins_every_all_reduce_even_in_a_short_last_step():
+    from llama_lora.parallel import my_share
+
+    group = [[0], [1], [2]]  # 3 micro-batches for 2 processes
+    assert my_share(group, 0, 2) == [([0], 1.0), ([2], 1.0)]
+    assert my_share(group, 1, 2) == [([1], 1.0), ([0], 0.0)]  # a weightless re-run keeps it in step
+    assert my_share([[5]], 0, 1) == [([5], 1.0)]
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_package(monkeypatch):
+    import importlib.util
+
+    from llama_lora import models
+    from llama_lora.config import ModelConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"^model\.load_in_4bit: needs the bitsandbytes package"):
+        models.check_load_in_4bit(ModelConfig(load_in_4bit=True), "cuda")
+    models.check_load_in_4bit(ModelConfig(), "cpu")  # off: nothing to check
