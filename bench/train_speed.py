@@ -118,7 +118,7 @@ def peak_cuda_mb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
-def worker_llama_lora(rows_file: str, method: str, out: str, model: str) -> dict:
+def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs: float) -> dict:
     from llama_lora.config import load_config
     from llama_lora.train import train
 
@@ -134,7 +134,7 @@ def worker_llama_lora(rows_file: str, method: str, out: str, model: str) -> dict
             "peft.lora_alpha=32",
             "peft.lora_dropout=0.05",
             f"peft.use_dora={str(method == 'dora').lower()}",
-            "train.epochs=1",
+            f"train.epochs={epochs}",
             "train.save_steps=null",
             "train.logging_steps=1000",
             f"output.dir={out}",
@@ -229,11 +229,11 @@ def worker_seed(rows_file: str, out: str, model: str) -> dict:
     }
 
 
-def run_worker(kind: str, rows_file: str, model: str) -> dict:
+def run_worker(kind: str, rows_file: str, model: str, epochs: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", kind, "--rows-file", rows_file, "--tmp", out]
-            + ["--model", model],
+            + ["--model", model, "--epochs", str(epochs)],
             capture_output=True,
             text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -259,6 +259,12 @@ def main() -> None:
         default="smollm2-135m-instruct",
         help=f"model for all three recipes: a name llama-lora resolves, or {RANDOM_1B} (built in a temp dir)",
     )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=1.0,
+        help="epochs for (a) and (b) (more steps on a fast GPU); (c) runs 1",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -268,7 +274,7 @@ def main() -> None:
         if args.worker == "seed":
             result = worker_seed(args.rows_file, args.tmp, args.model)
         else:
-            result = worker_llama_lora(args.rows_file, args.worker, args.tmp, args.model)
+            result = worker_llama_lora(args.rows_file, args.worker, args.tmp, args.model, args.epochs)
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         result["peak_cuda_mb"] = peak_cuda_mb()
         result["tokens_per_second"] = round(result["tokens"] / result["seconds"], 2)
@@ -290,7 +296,7 @@ def main() -> None:
             ("seed", "(c) seed recipe", seed_file),
         ):
             print(f"running {label} ...", file=sys.stderr, flush=True)
-            results[kind] = run_worker(kind, str(file), model)
+            results[kind] = run_worker(kind, str(file), model, args.epochs)
             results[kind]["rows"] = n_seed if kind == "seed" else n
 
     import torch
@@ -304,6 +310,7 @@ def main() -> None:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "model": args.model,
+        "epochs_a_b": args.epochs,
         "data": origin,
         "results": results,
         "ratio_a_over_c": round(
