@@ -170,6 +170,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
             x = dropout(x)
         lora_result = lora_B(lora_A(x))
 
+        if result.dtype in (torch.float16, torch.bfloat16) and bias is None:
+            return _combine_low_precision(result, lora_result, mag_norm_scale, scaling)
         # result * g promotes to float32, so autocast's low-precision result is rescaled and summed in float32
         # (as in PEFT) and rounded once at the end. It is a fresh tensor, so the in-place ops below are safe for
         # autograd (mul saves its inputs, addcmul saves lora_result and the scale, not `out`).
@@ -178,6 +180,21 @@ class FastDoraLinearVariant(DoraLinearVariant):
             out.add_((1.0 - mag_norm_scale) * bias)
         out.addcmul_(lora_result, mag_norm_scale * scaling)
         return out.to(result.dtype)
+
+
+def _combine_low_precision(result, lora_result, mag_norm_scale, scaling):
+    """``g * (result + s * lora_result)`` for a bf16/fp16 ``result``, without float32 activation temporaries.
+
+    Written as ``result + result * (g - 1) + lora_result * (g * s)`` with the two per-row factors rounded to
+    the activation dtype. ``g`` stays near 1 (it is exactly 1 at initialisation), so rounding ``g - 1`` costs
+    an absolute error of about ``|g - 1| * 2**-8`` relative to ``result``, and rounding ``g * s`` about
+    ``2**-8`` of the (small) LoRA term: both below the rounding of the output itself to bf16/fp16, which the
+    float32 path also ends with. Two fused multiply-adds in the activation dtype replace a float32 multiply,
+    a float32 multiply-add and a cast, each over a float32 activation-sized tensor.
+    """
+    dtype = result.dtype
+    out = torch.addcmul(result, result, (mag_norm_scale - 1.0).to(dtype))
+    return out.addcmul_(lora_result, (mag_norm_scale * scaling).to(dtype))
 
 
 def _is_plain_float_weight(weight: Any) -> bool:
