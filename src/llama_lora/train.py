@@ -353,9 +353,8 @@ def train(
                 f"with the same number (this one has {world}), since the batches of each step depend on it"
             )
         if main:
-            for later in run_dir.checkpoint_dirs(
-                run
-            ):  # an abandoned future when resuming an older checkpoint
+            # checkpoints after the one resumed from are an abandoned future
+            for later in run_dir.checkpoint_dirs(run):
                 if run_dir.checkpoint_step(later) > first:
                     shutil.rmtree(later)
             metrics = run_dir.metrics_up_to(run / "metrics.jsonl", first, open_sinks())
