@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from llama_lora import run_dir
+from llama_lora.config import flatten
 from llama_lora.errors import LlamaLoraError
 
 STATE_FILE = "trainer_state.json"
@@ -125,19 +126,9 @@ def find(run: Path, name: str | None = None) -> Path:
     return path
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Refuse to resume when the config changed in a way that changes the run (see RESUMABLE_CHANGES)."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     changed = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
@@ -181,8 +172,8 @@ def load_optimizer(path: Path, optimizer, meta: dict[str, Any]) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def restore_rng(path: Path, info: dict[str, Any]) -> None:
-    tensors = load_file(str(path / "rng.safetensors"))
+def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Put back the generator states `rng_tensors` saved (`tensors`: rng.safetensors, `info`: its JSON part)."""
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
@@ -215,9 +206,10 @@ def load(
     scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])
-    restore_rng(path, meta["rng"])
+    rng = load_file(str(path / "rng.safetensors"))
+    restore_rng(rng, meta["rng"])
     if rank:
         from llama_lora import parallel
 
-        parallel.restore_rng(load_file(str(path / "rng.safetensors")), rank, torch.device(device or "cpu"))
+        parallel.restore_rng(rng, rank, torch.device(device or "cpu"))
     return {"step": meta["step"], "counters": meta["counters"]}

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from llama_lora.config import Config
+from llama_lora.config import Config, flatten
 from llama_lora.errors import ConfigError
 
 # backend -> (module that must be importable, pip package that provides it)
@@ -88,17 +88,6 @@ class WandbSink:
         self.run.finish(exit_code=0 if ok else 1)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"seed": 1}} -> {"train.seed": 1}: MLflow params are flat."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class MlflowSink:
     """To ./mlruns unless MLFLOW_TRACKING_URI says otherwise; experiment MLFLOW_EXPERIMENT_NAME or llama-lora."""
 
@@ -111,7 +100,7 @@ class MlflowSink:
         if not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
             mlflow.set_experiment("llama-lora")
         self.run = mlflow.start_run(run_name=run.name)
-        mlflow.log_params(flatten(config))
+        mlflow.log_params(flatten(config))  # MLflow params are flat
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
