@@ -164,7 +164,8 @@ def refuse_pickled(directory: Path, allow: bool, key: str = "model.name") -> Non
         )
 
 
-def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = None):
+def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = None, **kwargs):
+    """The causal LM in `dtype`, safetensors only unless `model.allow_pickle`; `kwargs` go to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     ref = ref or resolve(mcfg.name)
@@ -178,6 +179,7 @@ def load_model(mcfg: ModelConfig, dtype: torch.dtype, ref: ModelRef | None = Non
         mcfg,
         dtype=dtype,
         use_safetensors=None if mcfg.allow_pickle else True,
+        **kwargs,
     )
     model.config.use_cache = False
     return model
@@ -246,7 +248,7 @@ def resolve_precision(device: str, requested: str) -> str:
     return "fp32"
 
 
-def storage_dtype(mcfg: ModelConfig, tcfg_device: str, precision: str) -> torch.dtype:
+def storage_dtype(mcfg: ModelConfig, precision: str) -> torch.dtype:
     """dtype of the frozen base weights: the compute dtype under bf16/fp16 autocast, else float32.
 
     A frozen base gains nothing from float32 storage under autocast: every matmul casts its weight to the
@@ -288,40 +290,28 @@ def check_load_in_4bit(mcfg: ModelConfig, device: str) -> None:
         )
 
 
-def load_model_4bit(
-    mcfg: ModelConfig, compute_dtype: torch.dtype, gradient_checkpointing: bool, ref: ModelRef | None = None
-):
+def load_model_4bit(mcfg: ModelConfig, compute_dtype: torch.dtype, ref: ModelRef | None = None):
     """The base model quantized to 4-bit NF4 (double-quantized) on this process's GPU, made ready for
-    k-bit training. Only `train` loads in 4-bit; `merge`, `infer` and `export` load the float base."""
+    k-bit training. Only `train` loads in 4-bit; `merge`, `infer` and `export` load the float base.
+    Gradient checkpointing is left to the caller, as for a float base."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    ref = ref or resolve(mcfg.name)
-    if ref.kind == "local":
-        refuse_pickled(Path(ref.path), mcfg.allow_pickle)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
     )
-    model = _from_pretrained(
-        AutoModelForCausalLM.from_pretrained,
-        ref,
-        "model",
+    model = load_model(
         mcfg,
         # the layers left unquantized (embeddings, norms) in float32: prepare_model_for_kbit_training casts
         # them up anyway, and exact values keep the base fingerprint equal to the float base's
-        dtype=torch.float32,
+        torch.float32,
+        ref,
         quantization_config=quant,
         # quantized weights cannot be moved later: put them on this process's GPU now (LOCAL_RANK under DDP)
         device_map={"": torch.cuda.current_device()},
-        use_safetensors=None if mcfg.allow_pickle else True,
     )
-    model.config.use_cache = False
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -142,9 +142,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def metrics_up_to(path: Path, step: int, sinks: list | None = None) -> MetricsLog:
-    """Resuming at `step`: keep the records up to it, drop later ones (they came after the checkpoint, and
-    the resumed run writes them again) and a line torn by a kill; rewrite the file atomically."""
+def records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl up to `step`, skipping a line torn by a kill."""
     kept = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
@@ -153,6 +152,13 @@ def metrics_up_to(path: Path, step: int, sinks: list | None = None) -> MetricsLo
             continue  # the line being written when the process died
         if record.get("step", 0) <= step:
             kept.append(record)
+    return kept
+
+
+def metrics_up_to(path: Path, step: int, sinks: list | None = None) -> MetricsLog:
+    """Resuming at `step`: keep the records up to it, drop later ones (they came after the checkpoint, and
+    the resumed run writes them again) and a line torn by a kill; rewrite the file atomically."""
+    kept = records_up_to(path, step)
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return MetricsLog(path, kept, sinks)
 

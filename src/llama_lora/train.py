@@ -149,13 +149,6 @@ def eval_sums(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> tuple[
     return total, count
 
 
-def evaluate(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> float | None:
-    if not batches:
-        return None
-    total, count = eval_sums(loss_fn, batches, device)
-    return total / max(count, 1)
-
-
 def build_accelerator(device: str, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -175,13 +168,12 @@ class TrainResult:
     main: bool = True  # False on the other processes of a data-parallel run (they wrote nothing)
 
 
-def load_base(cfg: Config, device: str, precision: str, ref: models.ModelRef):
+def load_base(cfg: Config, precision: str, ref: models.ModelRef):
     """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
     if cfg.model.load_in_4bit:
         compute = torch.float16 if precision == "fp16" else torch.bfloat16
-        # checkpointing is decided (and enabled) by the caller, as for a float base
-        return models.load_model_4bit(cfg.model, compute, False, ref)
-    return models.load_model(cfg.model, models.storage_dtype(cfg.model, device, precision), ref)
+        return models.load_model_4bit(cfg.model, compute, ref)
+    return models.load_model(cfg.model, models.storage_dtype(cfg.model, precision), ref)
 
 
 @dataclass
@@ -251,7 +243,7 @@ def train(
         say(note)
 
     set_seed(cfg.train.seed)  # the same on every process: the same initial adapter everywhere
-    model = load_base(cfg, device, precision, ref)
+    model = load_base(cfg, precision, ref)
     adapters.check_targets(model, cfg.peft.target_modules)
     fingerprint = meta.base_fingerprint(model)
     run = Path(cfg.output.dir)
@@ -360,8 +352,7 @@ def train(
             metrics = run_dir.metrics_up_to(run / "metrics.jsonl", first, open_sinks())
         accelerator.wait_for_everyone()
         if not main:
-            kept = [r for r in run_dir.read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= first]
-            metrics = run_dir.MetricsLog(None, kept)
+            metrics = run_dir.MetricsLog(None, run_dir.records_up_to(run / "metrics.jsonl", first))
         eval_before = next((r.get("eval_loss") for r in metrics.records if r["step"] == 0), None)
         say(f"resuming from {start_from} (step {first} of {len(steps)})")
 
