@@ -1,0 +1,262 @@
+"""Fused training layers (fused.py, fused_blocks.py) against PEFT's and transformers' own forward/backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama_lora import fused, fused_blocks
+from llama_lora.fast_dora import dora_weight_norm, enable_fast_dora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Toy(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(24, 40, bias=bias), nn.Linear(24, 8, bias=bias)
+
+    def forward(self, x):
+        return self.a(x).tanh().sum(-1, keepdim=True) * self.b(x)
+
+
+def _adapt(model: nn.Module, targets, dora: bool, dropout: float = 0.0):
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, use_dora=dora, init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # magnitudes away from the initial norms, so that g != 1
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    if dora:
+        enable_fast_dora(peft_model)
+    return peft_model
+
+
+def _pair(make, dora: bool, dropout: float = 0.0):
+    """Two identical adapted models: PEFT's forward, and the same with the fused layers installed."""
+    torch.manual_seed(0)
+    base = make()
+    ref = _adapt(copy.deepcopy(base), _targets(base), dora, dropout)
+    fast = copy.deepcopy(ref)
+    assert fused.install(fast) > 0
+    return ref.train(), fast.train()
+
+
+def _targets(model: nn.Module):
+    return TARGETS if isinstance(model, LlamaForCausalLM) else ["a", "b"]
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_peft_without_dropout(dora: bool, bias: bool) -> None:
+    ref, fast = _pair(lambda: Toy(bias), dora)
+    x = torch.randn(3, 5, 24)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fast(xf)
+    assert "FusedLoraLinear" in type(fast.base_model.model.a(xf).grad_fn).__name__
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    assert _rel(yf, yr) < 1e-5
+    assert _rel(xf.grad, xr.grad) < 1e-5
+    gr, gf = _grads(ref), _grads(fast)
+    assert gr.keys() == gf.keys() and any("magnitude" in n for n in gr) == dora
+    for name in gr:
+        assert _rel(gf[name], gr[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_tiny_llama_loss_and_grads_match_peft(dora: bool) -> None:
+    ref, fast = _pair(_tiny_llama, dora)
+    ids = torch.randint(0, 256, (2, 12))
+    lr = ref(input_ids=ids, labels=ids).loss
+    lf = fast(input_ids=ids, labels=ids).loss
+    lr.backward()
+    lf.backward()
+    assert abs(lf.item() - lr.item()) < 1e-5 * abs(lr.item())
+    gr, gf = _grads(ref), _grads(fast)
+    assert len(gr) == len(gf) == (3 if dora else 2) * len(TARGETS) * 2
+    for name in gr:
+        assert _rel(gf[name], gr[name]) < 1e-4, name
+
+
+def test_eval_no_grad_and_peft_dora_take_peft_path() -> None:
+    ref, fast = _pair(lambda: Toy(False), True)
+    layer = fast.base_model.model.a
+    x = torch.randn(4, 24, requires_grad=True)
+    assert "FusedLoraLinear" in type(layer(x).grad_fn).__name__
+    fast.eval()
+    assert "FusedLoraLinear" not in type(layer(x).grad_fn).__name__
+    fast.train()
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    layer.lora_variant["default"] = DoraLinearVariant()  # peft.fast_dora: false keeps PEFT's own DoRA
+    assert "FusedLoraLinear" not in type(layer(x).grad_fn).__name__
+    assert fused.uninstall(fast) == 2 and not fused.installed(layer)
+
+
+def test_keep_mask_rate_and_masking() -> None:
+    torch.manual_seed(0)
+    p = 0.05
+    keep = fused.keep_mask((1000, 1000), p, "cpu")
+    assert keep.dtype == torch.int8 and set(keep.unique().tolist()) == {-1, 0}
+    dropped = (keep == 0).double().mean().item()
+    q = fused.drop_probability(p)
+    assert abs(q - p) < 2**-15
+    assert abs(dropped - q) < 5 * (q * (1 - q) / 1e6) ** 0.5  # 5 sigma
+    # rows and columns are not correlated with the position of the 16-bit word in its int64
+    per_slot = (keep.view(-1)[: 4 * 250000].view(-1, 4) == 0).double().mean(0)
+    assert (per_slot - q).abs().max().item() < 5 * (q * (1 - q) / 250000) ** 0.5
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(1000, 1000).to(dtype)
+        assert torch.equal(fused._masked(x, keep), torch.where(keep != 0, x, torch.zeros((), dtype=dtype)))
+
+
+def test_same_seed_same_masks_and_dropout_matches_formula() -> None:
+    """With dropout: out = W x + s * B A (x * k / P(keep)) + bias, for the mask keep_mask draws at that point."""
+    torch.manual_seed(0)
+    p = 0.3
+    _, fast = _pair(lambda: Toy(True), False, dropout=p)
+    layer = fast.base_model.model.a
+    x = torch.randn(6, 24)
+    torch.manual_seed(7)
+    y1 = layer(x.clone().requires_grad_())
+    torch.manual_seed(7)
+    y2 = layer(x.clone().requires_grad_())
+    assert torch.equal(y1, y2)
+    torch.manual_seed(7)
+    keep = fused.keep_mask((6, 24), p, "cpu") != 0
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    base = layer.get_base_layer()
+    dropped = x * keep / (1 - fused.drop_probability(p))
+    expected = base(x) + layer.scaling["default"] * dropped @ a.T @ b.T
+    assert _rel(y1, expected) < 1e-6
+    assert 0 < (~keep).sum() < keep.numel()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_gradcheck_float64(dora: bool, dropout: float) -> None:
+    """Analytical gradients of the fused node (x, A, B, m; with a fixed dropout mask) against finite differences."""
+    torch.manual_seed(0)
+    out_f, in_f, r = 7, 5, 3
+    weight, bias = torch.randn(out_f, in_f, dtype=torch.float64), torch.randn(out_f, dtype=torch.float64)
+    x = torch.randn(2, 4, in_f, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, in_f, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(dora)
+    norm = torch.rand(out_f, dtype=torch.float64) + 0.5
+
+    def f(x, a, b, m):
+        torch.manual_seed(3)  # the same mask on every call
+        return fused.FusedLoraLinear.apply(
+            x, weight, bias, a, b, m if dora else None, norm if dora else None, 1.7, dropout, torch.float64
+        )
+
+    assert torch.autograd.gradcheck(f, (x, a, b, m))
+
+
+def _tiny_model(dora: bool, dropout: float, blocks: bool):
+    torch.manual_seed(0)
+    model = _adapt(_tiny_llama(), TARGETS, dora, dropout)
+    fused.install(model)
+    if blocks:
+        assert fused_blocks.install(model) == {"rms_norm": 5, "swiglu": 2}
+    return model.train()
+
+
+def test_blocks_match_transformers_bitwise_forward_and_close_backward() -> None:
+    torch.manual_seed(0)
+    ref = _tiny_llama().to(torch.bfloat16).train()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    fast = copy.deepcopy(ref)
+    fused_blocks.install(fast)
+    ids = torch.randint(0, 256, (2, 10))
+    hr = ref.model.embed_tokens(ids).requires_grad_()
+    hf = hr.detach().clone().requires_grad_()
+    yr = ref.model.layers[0].mlp(ref.model.layers[0].input_layernorm(hr))
+    yf = fast.model.layers[0].mlp(fast.model.layers[0].input_layernorm(hf))
+    assert torch.equal(yr, yf)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    assert _rel(hf.grad.float(), hr.grad.float()) < 2e-2  # bf16 rounding of different operation orders
+    assert fused_blocks.uninstall(fast) == 5 + 2
+
+
+def test_blocks_gradcheck_float64() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: fused_blocks.RMSNormFn.apply(x, w, 1e-5), (x,))
+    gate = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused_blocks.SwiGLUFn.apply, (gate, up))
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks() -> None:
+    ids = torch.randint(0, 256, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model = _tiny_model(True, 0.2, blocks=True)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(_grads(model))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def _saved_bytes(model, ids) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+def test_fused_layers_keep_much_less_for_backward() -> None:
+    ids = torch.randint(0, 256, (4, 64))
+    torch.manual_seed(0)
+    plain = _adapt(_tiny_llama().to(torch.bfloat16), TARGETS, True, 0.05).train()
+    fast = _tiny_model(True, 0.05, blocks=True).to(torch.bfloat16)
+    for model in (plain, fast):
+        for name, p in model.named_parameters():  # adapter weights stay float32, as in training
+            if p.requires_grad:
+                p.data = p.data.float()
+    before, after = _saved_bytes(plain, ids), _saved_bytes(fast, ids)
+    assert after < 0.6 * before, (before, after)
