@@ -2,7 +2,7 @@
 
 A causal LM head applied to every position builds a batch x length x vocab logits tensor (49k vocab for
 SmolLM2, 128k for Llama-3.2) although the loss uses only response tokens. Here the decoder's hidden states
-are gathered at labelled positions first and only those go through lm_head, in chunks of CHUNK positions.
+are gathered at labelled positions first and only those go through lm_head, in chunks (`chunk_rows`).
 
 The head is frozen (adapters never train it), so the loss needs a gradient for the hidden states only, and
 that gradient is known as soon as a chunk's logits are: d loss / d logits = softmax(logits) - onehot(target),
@@ -22,7 +22,17 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_lora.data import IGNORE
 
-CHUNK = 512  # labelled positions per lm_head call: 512 x 49k vocab x 4 bytes = 100 MB of float32 logits
+CHUNK = 512  # most labelled positions per lm_head call
+# ... and at most this many bytes of float32 logits per chunk (128 positions for SmolLM2's 49k vocabulary, 49 for
+# Llama-3.2's 128k). glibc's malloc serves allocations above 32 MB with fresh mmap()s, which are returned on free
+# and page-faulted in again on every use: 100 MB chunks cost ~100k page faults per optimizer step here. Chunks below
+# that stay in the reused heap.
+CHUNK_BYTES = 24 * 2**20
+
+
+def chunk_rows(vocab: int) -> int:
+    """Labelled positions per lm_head call for a `vocab`-sized head."""
+    return min(CHUNK, max(16, CHUNK_BYTES // (4 * vocab)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -37,15 +47,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], CHUNK):
-            y = targets[start : start + CHUNK]
-            logits = F.linear(h[start : start + CHUNK], weight).float()
+        rows = chunk_rows(weight.shape[0])
+        for start in range(0, h.shape[0], rows):
+            y = targets[start : start + rows]
+            logits = F.linear(h[start : start + rows], weight).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if need_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: logits are not needed again
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                grad[start : start + CHUNK] = probs.to(weight.dtype) @ weight
+                grad[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
@@ -87,8 +98,9 @@ class ResponseLoss(nn.Module):
             return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
 
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, picked.shape[0], CHUNK):
-            h, y = picked[start : start + CHUNK], wanted[start : start + CHUNK]
+        rows = chunk_rows(lm_head.weight.shape[0])
+        for start in range(0, picked.shape[0], rows):
+            h, y = picked[start : start + rows], wanted[start : start + rows]
             if torch.is_grad_enabled() and h.requires_grad:
                 total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
             else:
