@@ -149,6 +149,7 @@ def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs:
         "precision": summary["precision"],
         "steps": summary["steps"],
         "gradient_checkpointing": summary["gradient_checkpointing"],
+        "fused": summary["fused"],
         "final_train_loss": summary["train_loss"],
     }
 

@@ -66,6 +66,7 @@ def test_train_writes_artifacts_and_adapter_reloads_in_plain_peft(
     ):
         assert summary[key] is not None, key
     assert summary["method"] == ("dora" if use_dora else "lora")
+    assert summary["fused"] is True  # train.fused: auto turns the fused layers on for the CPU
     assert summary["eval_loss"] < summary["eval_loss_before"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]

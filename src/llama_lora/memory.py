@@ -14,15 +14,18 @@ from dataclasses import dataclass
 # projections, dropout 0.05): 56-66 KB per layer-token with a bf16 base, 75 KB with a float32 base under
 # autocast. 36 bytes x 2112 = 76 KB, a slight overestimate on purpose.
 BYTES_PER_WIDTH = 36
+# The same with the fused training layers (`train.fused`, fused.py / fused_blocks.py): ~32 KB per layer-token
+# (bf16 base); 18 x 2112 = 38 KB.
+BYTES_PER_WIDTH_FUSED = 18
 # Fraction of the free memory the activations may take; the rest is for transients (logit chunks, the
 # backward's temporaries, allocator slack).
 SHARE = 0.5
 
 
-def activation_bytes_per_token(model_config) -> int:
+def activation_bytes_per_token(model_config, fused: bool = False) -> int:
     layers = model_config.num_hidden_layers
     width = model_config.hidden_size + model_config.intermediate_size
-    return layers * width * BYTES_PER_WIDTH
+    return layers * width * (BYTES_PER_WIDTH_FUSED if fused else BYTES_PER_WIDTH)
 
 
 def free_memory_bytes(device: str) -> int | None:
@@ -44,11 +47,13 @@ class CheckpointChoice:
     reason: str
 
 
-def choose_checkpointing(setting: bool | str, model_config, budget_tokens: int, device: str):
+def choose_checkpointing(
+    setting: bool | str, model_config, budget_tokens: int, device: str, fused: bool = False
+):
     """Decide `train.gradient_checkpointing` (true, false or auto) for a micro-batch of `budget_tokens`."""
     if setting != "auto":
         return CheckpointChoice(bool(setting), "set in the config")
-    need = activation_bytes_per_token(model_config) * budget_tokens
+    need = activation_bytes_per_token(model_config, fused) * budget_tokens
     free = free_memory_bytes(device)
     if free is None:
         return CheckpointChoice(False, "auto: free memory unknown")

@@ -25,7 +25,19 @@ from typing import Any
 
 import torch
 
-from llama_lora import adapters, checkpoint, data, memory, meta, models, parallel, run_dir, tracking
+from llama_lora import (
+    adapters,
+    checkpoint,
+    data,
+    fused,
+    fused_blocks,
+    memory,
+    meta,
+    models,
+    parallel,
+    run_dir,
+    tracking,
+)
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
@@ -95,6 +107,11 @@ def batch_tokens(cfg: Config, device: str) -> int | None:
     """The micro-batch token budget; `auto` picks one per device (see docs/memory.md)."""
     budget = cfg.train.max_batch_tokens
     return AUTO_BATCH_TOKENS.get(device, 1024) if budget == "auto" else budget
+
+
+def use_fused(setting: bool | str, device: str) -> bool:
+    """`train.fused`: `auto` turns the fused training layers on where they were measured (the CPU)."""
+    return device == "cpu" if setting == "auto" else bool(setting)
 
 
 def micro_batch_plan(
@@ -256,7 +273,10 @@ def train(
         run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
 
     longest_batch = batch_tokens(cfg, device) or cfg.train.batch_size * cfg.data.max_length
-    ckpt = memory.choose_checkpointing(cfg.train.gradient_checkpointing, model.config, longest_batch, device)
+    fused_on = use_fused(cfg.train.fused, device)
+    ckpt = memory.choose_checkpointing(
+        cfg.train.gradient_checkpointing, model.config, longest_batch, device, fused_on
+    )
     say(f"gradient checkpointing {'on' if ckpt.enabled else 'off'} ({ckpt.reason})")
     if ckpt.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -266,12 +286,16 @@ def train(
             run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
         ) / "adapter_init"
     peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32")
+    if fused_on:
+        fused.install(peft_model)
+        fused_blocks.install(peft_model)
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}"
         f"{', 4-bit base' if cfg.model.load_in_4bit else ''}); device {device}, precision {precision}"
         + (f", {world} processes" if world > 1 else "")
+        + (", fused training layers" if fused_on else "")
     )
 
     loss_fn = ResponseLoss(peft_model)
@@ -412,7 +436,8 @@ def train(
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != len(steps):
                 eval_loss = run_eval()
                 metrics.write({"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss})
-                reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
+                if eval_loss is not None:  # None: no eval rows
+                    reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
             saved = None
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step != len(steps):
                 saved = save_checkpoint(step)
@@ -462,6 +487,7 @@ def train(
         "load_in_4bit": cfg.model.load_in_4bit,
         "trainable_parameters": n_train,
         "gradient_checkpointing": ckpt.enabled,
+        "fused": fused_on,
         **peak_memory_mb(device),  # of the main process
         "finished_at": run_dir.timestamp(),
     }
