@@ -260,3 +260,20 @@ def test_fused_layers_keep_much_less_for_backward() -> None:
                 p.data = p.data.float()
     before, after = _saved_bytes(plain, ids), _saved_bytes(fast, ids)
     assert after < 0.6 * before, (before, after)
+
+
+def test_grouped_kv_attention_with_padding_mask_matches_repeated_heads(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = _tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding: transformers passes a mask to SDPA
+    monkeypatch.delenv(fused_blocks.GQA_SWITCH, raising=False)
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    fused_blocks.use_grouped_kv_attention()
+    import os
+
+    assert os.environ[fused_blocks.GQA_SWITCH] == "1"
+    grouped = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(grouped[valid].float(), plain[valid].float(), atol=2e-2, rtol=2e-2)

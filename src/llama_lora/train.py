@@ -289,6 +289,8 @@ def train(
     if fused_on:
         fused.install(peft_model)
         fused_blocks.install(peft_model)
+        if device == "cpu":
+            fused_blocks.use_grouped_kv_attention()
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
