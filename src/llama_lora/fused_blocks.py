@@ -42,10 +42,10 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dh = (dy * weight).to(rstd.dtype)
-        xh = x.to(rstd.dtype) * rstd
+        dh = (dy * weight).to(rstd.dtype)  # transformers' rounding: the product in x's dtype, then float32
+        xh = x * rstd  # promotes to float32 in one pass
         dot = (dh * xh).mean(-1, keepdim=True)
-        dx = (dh - xh * dot).mul_(rstd)
+        dx = torch.addcmul(dh, xh, dot, value=-1.0).mul_(rstd)
         return dx.to(x.dtype), None, None
 
 
