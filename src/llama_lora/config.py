@@ -112,7 +112,7 @@ class TrainConfig(Section):
     """Recompute activations in backward instead of keeping them. `auto`: only when one micro-batch's
     activations would take more than half the free memory (see docs/memory.md)."""
     fused: bool | Literal["auto"] = "auto"
-    """Fused LoRA/DoRA projections, RMSNorm and SwiGLU for training (docs/memory.md): same arithmetic, less kept
+    """Fused LoRA/DoRA projections, RMSNorm and SwiGLU for training (docs/fused.md): same arithmetic, less kept
     for backward, faster. `auto` = on for CPU (measured), off on CUDA/MPS (not measured there yet)."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

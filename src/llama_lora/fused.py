@@ -60,9 +60,14 @@ _LEVELS = 1 << 15  # dropout resolution: 15 random bits per element
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _dropped_levels(p: float) -> int:
+    """How many of the 2**15 uniform levels drop an element."""
+    return round(p * _LEVELS)
+
+
 def drop_probability(p: float) -> float:
     """The drop probability :func:`keep_mask` actually uses for ``p`` (a multiple of 2**-15)."""
-    return round(p * _LEVELS) / _LEVELS
+    return _dropped_levels(p) / _LEVELS
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
@@ -78,12 +83,14 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
         n *= d
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     uniform15 = words.view(torch.int16)[:n] & (_LEVELS - 1)
-    return (uniform15 >= round(p * _LEVELS)).view(torch.int8).neg_().view(shape)
+    return (uniform15 >= _dropped_levels(p)).view(torch.int8).neg_().view(shape)
 
 
-def _masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``t`` with the elements where ``keep`` is 0 set to +0: a bitwise AND of the element bits with the
-    sign-extended int8 mask (-1 keeps every bit)."""
+    sign-extended int8 mask (-1 keeps every bit). ``keep=None`` (no dropout): ``t`` itself."""
+    if keep is None:
+        return t
     int_dtype = _INT_OF_SIZE[t.element_size()]
     return (t.view(int_dtype) & keep).view(t.dtype)
 
@@ -104,10 +111,10 @@ class FusedLoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             w = weight.to(dtype)
             keep = keep_mask(x2.shape, p, x.device) if p > 0 else None
-            keep_scale = _LEVELS / (_LEVELS - round(p * _LEVELS)) if p > 0 else 1.0
+            keep_scale = 1.0 / (1.0 - drop_probability(p))
             a = (lora_a * keep_scale).to(dtype) if keep_scale != 1.0 else lora_a.to(dtype)
             b = lora_b.to(dtype)
-            u = F.linear(_masked(x2, keep) if keep is not None else x2, a)
+            u = F.linear(_masked(x2, keep), a)
             dora = magnitude is not None
             bias_c = bias.to(dtype) if bias is not None else None
             z = F.linear(x2, w, None if dora else bias_c)
@@ -123,7 +130,6 @@ class FusedLoraLinear(torch.autograd.Function):
                 out = z
             out = out.view(*shape[:-1], out.shape[-1])
         ctx.dtype, ctx.scaling, ctx.keep_scale, ctx.x_dtype = dtype, scaling, keep_scale, x.dtype
-        ctx.has_bias = bias is not None
         # a and b are the rank-r weights already scaled and cast: tiny, and backward needs them again
         ctx.save_for_backward(x2, keep, u, out if dora else None, weight, bias, a, b, magnitude, gm1)
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
@@ -149,8 +155,7 @@ class FusedLoraLinear(torch.autograd.Function):
                     dx.add_(_masked(torch.mm(gu, a), keep))
                 dx = dx.view(*d_out.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
             if need_a:
-                xd = _masked(x2, keep) if keep is not None else x2
-                dA = torch.mm(gu.t(), xd).to(a_dtype)
+                dA = torch.mm(gu.t(), _masked(x2, keep)).to(a_dtype)
                 if q != 1.0:
                     dA.mul_(q)
             if need_b:
@@ -182,7 +187,9 @@ def _compute_dtype(module: LoraLinear, x: torch.Tensor, adapter: str) -> torch.d
     return x.dtype if same else None
 
 
-def _fusable(module: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, torch.dtype] | None:
+def _fusable(
+    module: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict
+) -> tuple[str, torch.dtype] | None:
     if args or kwargs or not (module.training and torch.is_grad_enabled()):
         return None
     if module.disable_adapters or module.merged:
@@ -236,9 +243,10 @@ def _forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
 
 
 def installed(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), types.MethodType) and module.__dict__[
-        "forward"
-    ].__func__ is _forward
+    return (
+        isinstance(module.__dict__.get("forward"), types.MethodType)
+        and module.__dict__["forward"].__func__ is _forward
+    )
 
 
 def install(model: nn.Module) -> int:

@@ -103,14 +103,14 @@ def _mlp_forward(self, x):
 
 # Only transformers' Llama classes, whose forward this module reproduces (tests/test_fused.py compares them).
 def _is_rms_norm(module: nn.Module) -> bool:
-    return type(module).__name__ in {"LlamaRMSNorm"} and isinstance(
+    return type(module).__name__ == "LlamaRMSNorm" and isinstance(
         getattr(module, "weight", None), torch.Tensor
     )
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
     return (
-        type(module).__name__ in {"LlamaMLP"}
+        type(module).__name__ == "LlamaMLP"
         and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
         and type(getattr(module, "act_fn", None)).__name__ in {"SiLU", "SiLUActivation"}
     )
