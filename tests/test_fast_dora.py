@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.variants import DoraEmbeddingVariant, DoraLinearVariant
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from llama_lora.adapters import keep_input_dtype
+from llama_lora.config import SEED_TARGETS
 from llama_lora.fast_dora import FastDoraLinearVariant, disable_fast_dora, enable_fast_dora
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .conftest import tiny_llama
+
+LLAMA_TARGETS = SEED_TARGETS
 
 
 class Toy(nn.Module):
@@ -58,21 +60,8 @@ def _toy(dropout: float = 0.0, conv1d: bool = False) -> PeftModel:
     return _dora(Toy(conv1d), ["up", "down", "head"], dropout, fan_in_fan_out=conv1d)
 
 
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).float()
-
-
 def _llama(dropout: float = 0.0) -> PeftModel:
-    base = _tiny_llama()
+    base = tiny_llama()
     torch.manual_seed(1)
     return _dora(base, LLAMA_TARGETS, dropout)
 
@@ -248,7 +237,7 @@ def test_saved_adapter_loads_in_vanilla_peft(tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    loaded = PeftModel.from_pretrained(_tiny_llama(), str(tmp_path)).eval()
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     variants = [v for mod in loaded.modules() for v in getattr(mod, "lora_variant", {}).values()]
     assert len(variants) == 2 * len(LLAMA_TARGETS)
     assert all(type(v) is DoraLinearVariant for v in variants)

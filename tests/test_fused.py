@@ -8,12 +8,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from llama_lora import fused, fused_blocks
-from llama_lora.fast_dora import dora_weight_norm, enable_fast_dora
+from llama_lora.config import SEED_TARGETS
+from llama_lora.fast_dora import enable_fast_dora
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .conftest import tiny_llama
+
+TARGETS = SEED_TARGETS
 
 
 class Toy(nn.Module):
@@ -27,7 +30,12 @@ class Toy(nn.Module):
 
 def _adapt(model: nn.Module, targets, dora: bool, dropout: float = 0.0):
     cfg = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, use_dora=dora, init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_dora=dora,
+        init_lora_weights=False,
     )
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():  # magnitudes away from the initial norms, so that g != 1
@@ -61,14 +69,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).float()
-
-
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_peft_without_dropout(dora: bool, bias: bool) -> None:
@@ -89,8 +89,8 @@ def test_linear_matches_peft_without_dropout(dora: bool, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_tiny_llama_loss_and_grads_match_peft(dora: bool) -> None:
-    ref, fast = _pair(_tiny_llama, dora)
+def testtiny_llama_loss_and_grads_match_peft(dora: bool) -> None:
+    ref, fast = _pair(tiny_llama, dora)
     ids = torch.randint(0, 256, (2, 12))
     lr = ref(input_ids=ids, labels=ids).loss
     lf = fast(input_ids=ids, labels=ids).loss
@@ -183,7 +183,7 @@ def test_gradcheck_float64(dora: bool, dropout: float) -> None:
 
 def _tiny_model(dora: bool, dropout: float, blocks: bool):
     torch.manual_seed(0)
-    model = _adapt(_tiny_llama(), TARGETS, dora, dropout)
+    model = _adapt(tiny_llama(), TARGETS, dora, dropout)
     fused.install(model)
     if blocks:
         assert fused_blocks.install(model) == {"rms_norm": 5, "swiglu": 2}
@@ -192,7 +192,7 @@ def _tiny_model(dora: bool, dropout: float, blocks: bool):
 
 def test_blocks_match_transformers_bitwise_forward_and_close_backward() -> None:
     torch.manual_seed(0)
-    ref = _tiny_llama().to(torch.bfloat16).train()
+    ref = tiny_llama().to(torch.bfloat16).train()
     for p in ref.parameters():
         p.requires_grad_(False)
     fast = copy.deepcopy(ref)
@@ -252,10 +252,10 @@ def _saved_bytes(model, ids) -> int:
 def test_fused_layers_keep_much_less_for_backward() -> None:
     ids = torch.randint(0, 256, (4, 64))
     torch.manual_seed(0)
-    plain = _adapt(_tiny_llama().to(torch.bfloat16), TARGETS, True, 0.05).train()
+    plain = _adapt(tiny_llama().to(torch.bfloat16), TARGETS, True, 0.05).train()
     fast = _tiny_model(True, 0.05, blocks=True).to(torch.bfloat16)
     for model in (plain, fast):
-        for name, p in model.named_parameters():  # adapter weights stay float32, as in training
+        for p in model.parameters():  # adapter weights stay float32, as in training
             if p.requires_grad:
                 p.data = p.data.float()
     before, after = _saved_bytes(plain, ids), _saved_bytes(fast, ids)
@@ -264,7 +264,7 @@ def test_fused_layers_keep_much_less_for_backward() -> None:
 
 def test_grouped_kv_attention_with_padding_mask_matches_repeated_heads(monkeypatch) -> None:
     torch.manual_seed(0)
-    model = _tiny_llama().to(torch.bfloat16)
+    model = tiny_llama().to(torch.bfloat16)
     ids = torch.randint(0, 256, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding: transformers passes a mask to SDPA
