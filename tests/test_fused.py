@@ -89,7 +89,7 @@ def test_linear_matches_peft_without_dropout(dora: bool, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def testtiny_llama_loss_and_grads_match_peft(dora: bool) -> None:
+def test_tiny_llama_loss_and_grads_match_peft(dora: bool) -> None:
     ref, fast = _pair(tiny_llama, dora)
     ids = torch.randint(0, 256, (2, 12))
     lr = ref(input_ids=ids, labels=ids).loss
@@ -120,21 +120,40 @@ def test_eval_no_grad_and_peft_dora_take_peft_path() -> None:
     assert fused.uninstall(fast) == 2 and not fused.installed(layer)
 
 
-def test_keep_mask_rate_and_masking() -> None:
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_drop_positions_are_an_independent_bernoulli_process(p: float) -> None:
     torch.manual_seed(0)
-    p = 0.05
-    keep = fused.keep_mask((1000, 1000), p, "cpu")
-    assert keep.dtype == torch.int8 and set(keep.unique().tolist()) == {-1, 0}
-    dropped = (keep == 0).double().mean().item()
-    q = fused.drop_probability(p)
-    assert abs(q - p) < 2**-15
-    assert abs(dropped - q) < 5 * (q * (1 - q) / 1e6) ** 0.5  # 5 sigma
-    # rows and columns are not correlated with the position of the 16-bit word in its int64
-    per_slot = (keep.view(-1)[: 4 * 250000].view(-1, 4) == 0).double().mean(0)
-    assert (per_slot - q).abs().max().item() < 5 * (q * (1 - q) / 250000) ** 0.5
+    n = 2_000_000
+    pos = fused.drop_positions(n, p, "cpu")
+    assert pos.dtype == torch.int64 and pos.numel() == pos.unique().numel()
+    assert int(pos.min()) >= 0 and int(pos.max()) < n and bool((pos[1:] > pos[:-1]).all())
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[pos] = True
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.double().mean().item() - p) < 5 * sigma
+    # neighbours (also across the chunk of draws) are independent: P(both dropped) = p^2
+    both = (dropped[1:] & dropped[:-1]).double().mean().item()
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5
+    # the same on a small tensor, where several chunks of draws may be needed, and at the edges
+    assert fused.drop_positions(0, p, "cpu").numel() == 0
+    assert fused.drop_positions(7, 0.0, "cpu").numel() == 0
+    assert torch.equal(fused.drop_positions(5, 1.0, "cpu"), torch.arange(5))
+    counts = torch.zeros(10)
+    for _ in range(4000):
+        counts[fused.drop_positions(10, p, "cpu")] += 1
+    assert (counts / 4000 - p).abs().max().item() < 5 * (p * (1 - p) / 4000) ** 0.5
+
+
+def test_zeroed_sets_exactly_those_positions() -> None:
+    pos = torch.tensor([0, 5, 11], dtype=torch.int32)
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
-        x = torch.randn(1000, 1000).to(dtype)
-        assert torch.equal(fused._masked(x, keep), torch.where(keep != 0, x, torch.zeros((), dtype=dtype)))
+        x = torch.randn(3, 4).to(dtype) + 5
+        expected = x.clone().view(-1)
+        expected[pos.long()] = 0
+        y = fused._zeroed(x, pos)
+        assert torch.equal(y, expected.view(3, 4)) and not torch.equal(x, y)
+        assert fused._zeroed(x, None) is x
+        assert fused._zeroed(x, pos, inplace=True) is x and torch.equal(x, y)
 
 
 def test_same_seed_same_masks_and_dropout_matches_formula() -> None:
@@ -150,13 +169,15 @@ def test_same_seed_same_masks_and_dropout_matches_formula() -> None:
     y2 = layer(x.clone().requires_grad_())
     assert torch.equal(y1, y2)
     torch.manual_seed(7)
-    keep = fused.keep_mask((6, 24), p, "cpu") != 0
+    keep = torch.ones(6 * 24)
+    keep[fused.drop_positions(6 * 24, p, "cpu")] = 0
+    keep = keep.view(6, 24)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     base = layer.get_base_layer()
-    dropped = x * keep / (1 - fused.drop_probability(p))
+    dropped = x * keep / (1 - p)
     expected = base(x) + layer.scaling["default"] * dropped @ a.T @ b.T
     assert _rel(y1, expected) < 1e-6
-    assert 0 < (~keep).sum() < keep.numel()
+    assert 0 < (keep == 0).sum() < keep.numel()
 
 
 @pytest.mark.parametrize("dora", [False, True])
