@@ -57,6 +57,7 @@ from llama_lora.fast_dora import FastDoraLinearVariant, _is_plain_float_weight, 
 
 __all__ = ["FusedLoraLinear", "drop_positions", "install", "uninstall", "installed"]
 
+
 def drop_positions(n: int, p: float, device: torch.device | str) -> torch.Tensor:
     """Sorted flat indices (int64) of the elements dropped among ``n``, each one independently with probability ``p``.
 
