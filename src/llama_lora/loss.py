@@ -81,10 +81,16 @@ class ResponseLoss(nn.Module):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return causal_lm.model, causal_lm.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **packed,  # position_ids and llama_lora_rows of a packed batch (packing.collate_packed)
+    ):
         decoder, lm_head = self._parts()
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE

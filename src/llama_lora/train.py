@@ -34,6 +34,7 @@ from llama_lora import (
     memory,
     meta,
     models,
+    packing,
     parallel,
     run_dir,
     tracking,
@@ -42,6 +43,7 @@ from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config
 from llama_lora.errors import DataError, LlamaLoraError
 from llama_lora.loss import ResponseLoss
+from llama_lora.packing import collate_packed
 from llama_lora.progress import Reporter
 
 
@@ -291,6 +293,7 @@ def train(
         fused_blocks.install(peft_model)
         if device == "cpu":
             fused_blocks.use_grouped_kv_attention()
+        packing.enable(model)  # training micro-batches are packed (collate_packed); other calls take SDPA
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
@@ -392,7 +395,9 @@ def train(
             share = parallel.my_share(group, rank, world)
             step_loss = 0.0
             for slot, (b, weight) in enumerate(share):
-                batch = {k: v.to(dev) for k, v in collate([ds.train[i] for i in b], pad).items()}
+                rows = [ds.train[i] for i in b]
+                batch = collate_packed(rows) if fused_on else collate(rows, pad)
+                batch = {k: v.to(dev) for k, v in batch.items()}
                 with parallel.sync_unless_last(accelerator, loss_fn, last=slot == len(share) - 1):
                     loss_sum, _ = loss_fn(**batch)
                     # DDP averages gradients over processes; x world makes it the group's sum / n_labels
@@ -490,6 +495,7 @@ def train(
         "trainable_parameters": n_train,
         "gradient_checkpointing": ckpt.enabled,
         "fused": fused_on,
+        "torch": torch.__version__,  # the CUDA build costs ~0.37 GB more RSS on a CPU (docs/memory.md)
         **peak_memory_mb(device),  # of the main process
         "finished_at": run_dir.timestamp(),
     }

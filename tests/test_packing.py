@@ -1,0 +1,99 @@
+"""Packed (padding-free) training batches give the padded batches' loss and gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from llama_lora import fused, fused_blocks, packing
+from llama_lora.batching import collate
+from llama_lora.data import IGNORE, Example
+from llama_lora.loss import ResponseLoss
+
+from .conftest import tiny_llama
+
+
+def _examples() -> list[Example]:
+    torch.manual_seed(1)
+    out = []
+    for n in (7, 12, 3, 9):
+        ids = torch.randint(0, 256, (n,)).tolist()
+        out.append(Example(input_ids=ids, labels=[IGNORE] * (n // 2) + ids[n // 2 :]))
+    return out
+
+
+def test_collate_packed_layout() -> None:
+    exs = _examples()
+    b = packing.collate_packed(exs)
+    assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (1, 31)
+    assert b["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]
+    rows = b["llama_lora_rows"]
+    assert (rows.rows, rows.width) == (4, 12)
+    assert rows.slots[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 12, 13]
+    # each row's first label is ignored, so no row predicts the next row's first token
+    starts = [0, 7, 19, 22]
+    assert all(b["labels"][0, s].item() == IGNORE for s in starts)
+    assert b["input_ids"][0, 7:19].tolist() == exs[1].input_ids
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, n = ResponseLoss(model).train()(**batch)
+    loss.backward()
+    return (
+        loss.detach(),
+        int(n),
+        {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+    )
+
+
+def test_packed_batch_matches_padded_batch_with_fused_adapters() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    exs = _examples()
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    )
+    with torch.no_grad():  # non-zero B, so that every gradient is non-trivial
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    fused.install(peft_model)
+    fused_blocks.install(peft_model)
+    ref_loss, ref_n, ref = _loss_and_grads(peft_model, collate(exs, pad_id=0))
+    assert packing.enable(model) == "sdpa"
+    calls = []
+    real = packing._to_rows
+    packing._to_rows = lambda t, rows: (calls.append(rows.rows), real(t, rows))[1]
+    try:
+        loss, n, got = _loss_and_grads(peft_model, packing.collate_packed(exs))
+    finally:
+        packing._to_rows = real
+    assert calls == [4] * 6  # q, k and v of both layers, per row
+    assert n == ref_n and torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert set(got) == set(ref) and len(got) == 3 * 3 * 2
+    for k in ref:
+        assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
+    # calls without packed rows (evaluation, generation) take SDPA with transformers' mask
+    padded = collate(exs, pad_id=0)
+    peft_model.eval()
+    with torch.no_grad():
+        packed_impl = peft_model(
+            input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]
+        ).logits
+        model.set_attn_implementation("sdpa")
+        sdpa = peft_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    assert torch.equal(packed_impl, sdpa)
+
+
+def test_single_row_pack_is_plain_causal_attention() -> None:
+    exs = _examples()[:1]
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    ref_loss, _, ref = _loss_and_grads(model, collate(exs, pad_id=0))
+    packing.enable(model)
+    loss, _, got = _loss_and_grads(model, packing.collate_packed(exs))
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    for k in ref:
+        assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
