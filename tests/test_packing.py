@@ -97,3 +97,16 @@ def test_single_row_pack_is_plain_causal_attention() -> None:
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for k in ref:
         assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
+
+
+def test_packed_batch_with_gradient_checkpointing() -> None:
+    exs = _examples()
+    model = tiny_llama()
+    packing.enable(model)
+    batch = packing.collate_packed(exs)
+    ref_loss, _, ref = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, _, got = _loss_and_grads(model, batch)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    for k in ref:
+        assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
