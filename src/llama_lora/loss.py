@@ -67,7 +67,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class ResponseLoss(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> (sum of token losses, number of labelled tokens).
+    """forward(input_ids, labels, attention_mask) -> (sum of token losses, number of labelled tokens).
+
+    A packed batch (packing.collate_packed) passes position_ids and llama_lora_rows instead of a mask.
 
     Returning the sum (not the mean) lets the caller normalise by the token count of a whole
     gradient-accumulation group, so every response token weighs the same whatever batch it fell into.
