@@ -78,7 +78,8 @@ def use_grouped_kv_attention() -> None:
     length) it copies ``k`` and ``v`` to every query head first, and autograd keeps those copies: 2 x hidden
     bf16 values per token and layer for SmolLM2 (~56 MB per 1,000-token micro-batch). torch's CPU flash attention
     takes the mask and grouped heads together, so this sets transformers' own switch for that
-    (``TRANSFORMERS_SDPA_FORCE_GQA=1``) unless the environment already sets it.
+    (``TRANSFORMERS_SDPA_FORCE_GQA=1``) unless the environment already sets it. Training micro-batches are now
+    packed (packing.py, no padding mask), so this applies to evaluation's padded batches only.
     """
     import os
 
