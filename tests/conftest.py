@@ -15,20 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+# The tiny Llama shape of every test model: 2 layers, hidden 64, 4 query / 2 key-value heads.
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
 def tiny_llama():
     """A 2-layer random float32 Llama (vocab 256, hidden 64, 4 query / 2 key-value heads), seeded: for layer tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, **TINY_SHAPE)).float()
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +52,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
