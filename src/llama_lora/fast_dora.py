@@ -118,9 +118,9 @@ def dora_weight_norm(module: LoraLinear, adapter_name: str) -> torch.Tensor:
         # forward. The product accumulates in float32 inside the matmul and is rounded once, which is finer
         # than PEFT, whose low-precision path forms and norms W + s B A entirely in that precision.
         wa = (w @ a.to(w.dtype).T).to(dtype)  # (out, r)
-        cross = (b * wa).sum(dim=1)  # <w_i, (B A)_i>
-        quad = ((b @ (a @ a.T)) * b).sum(dim=1)  # ||(B A)_i||^2
-        sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        # row i of c = 2 s (W A^T)_i + s^2 (B A A^T)_i, so <b_i, c_i> = 2 s <w_i, (B A)_i> + s^2 ||(B A)_i||^2
+        c = torch.addmm(wa, b, a @ a.T, beta=2.0 * scaling, alpha=scaling * scaling)
+        sq = (b * c).sum(dim=1).add_(base_sq)
         return sq.clamp_min_(0.0).sqrt_()
 
 
