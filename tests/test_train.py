@@ -9,8 +9,8 @@ import torch
 
 from llama_lora import loss as loss_mod
 from llama_lora.batching import collate
-from llama_lora.config import load_config
-from llama_lora.train import train
+from llama_lora.config import Config, load_config
+from llama_lora.train import make_optimizer, train
 
 from .conftest import run_cli, tiny_overrides
 
@@ -238,3 +238,27 @@ def test_pissa_and_olora_adapters_apply_to_the_original_base(
         expected = result.model.eval()(input_ids=ids, attention_mask=mask).logits
         got = reloaded(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_optimizer_is_the_fused_adamw_where_torch_has_it_with_the_same_steps():
+    cfg = Config().train
+    assert cfg.optim == "auto"
+    torch.manual_seed(0)
+    start = [torch.randn(16, 48), torch.randn(48)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    finals = {}
+    for optim in ("auto", "adamw_torch"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make_optimizer(params, cfg.model_copy(update={"optim": optim, "weight_decay": 0.01}))
+        assert opt.defaults["fused"] is (True if optim == "auto" else None)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        finals[optim] = params
+    for fused, plain, before in zip(finals["auto"], finals["adamw_torch"], start):
+        assert not torch.equal(fused, before)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    # no fused kernel for complex parameters: auto falls back instead of failing at the first step
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    assert make_optimizer([complex_param], cfg).defaults["fused"] is None

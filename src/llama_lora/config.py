@@ -107,7 +107,9 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = "auto"
+    """AdamW either way. `auto`: torch's fused (one-kernel) AdamW where torch has it for the device, else the
+    per-parameter one (`adamw_torch`); on a CPU the fused step is ~3x faster (bench/RESULTS.md)."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in backward instead of keeping them. `auto`: only when one micro-batch's
     activations would take more than half the free memory (see docs/memory.md)."""

@@ -40,7 +40,7 @@ from llama_lora import (
     tracking,
 )
 from llama_lora.batching import collate, pad_id_for, plan_batches
-from llama_lora.config import Config
+from llama_lora.config import Config, TrainConfig
 from llama_lora.errors import DataError, LlamaLoraError
 from llama_lora.loss import ResponseLoss
 from llama_lora.packing import collate_packed
@@ -114,6 +114,27 @@ def batch_tokens(cfg: Config, device: str) -> int | None:
 def use_fused(setting: bool | str, device: str) -> bool:
     """`train.fused`: `auto` turns the fused training layers on where they were measured (the CPU)."""
     return device == "cpu" if setting == "auto" else bool(setting)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``; ``t.optim`` auto takes torch's fused implementation where the device has one."""
+    kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
+    if t.optim == "adamw_torch_fused" or (t.optim == "auto" and all(map(_fused_adamw_supported, params))):
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _fused_adamw_supported(p: torch.Tensor) -> bool:
+    # torch checks this only at the first step; the check itself is private, so fall back to CPU/CUDA
+    try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused
+    except ImportError:
+        return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        _device_dtype_check_for_fused(p)
+    except RuntimeError:
+        return False
+    return True
 
 
 def micro_batch_plan(
@@ -305,12 +326,7 @@ def train(
 
     loss_fn = ResponseLoss(peft_model)
     params = [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay,
-        fused=cfg.train.optim == "adamw_torch_fused" or None,
-    )
+    optimizer = make_optimizer(params, cfg.train)
     plan, per_epoch = micro_batch_plan(ds, cfg, device, world)
     per_step = cfg.train.grad_accum * world
     steps = [plan[i : i + per_step] for i in range(0, len(plan), per_step)]
