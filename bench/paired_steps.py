@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import data_rows  # noqa: E402
 
-from llama_lora import adapters, fused, fused_blocks, models, packing  # noqa: E402
+from llama_lora import adapters, fused, models, packing  # noqa: E402
 from llama_lora import train as T  # noqa: E402
 from llama_lora.batching import collate, pad_id_for  # noqa: E402
 from llama_lora.config import load_config  # noqa: E402
@@ -53,9 +53,7 @@ def build(overrides: list[str], fused_module) -> dict:
     peft_model = adapters.attach(model, cfg.peft, device, autocast=precision != "fp32")
     fused_on = T.use_fused(cfg.train.fused, device)
     if fused_on:
-        fused_module.install(peft_model)
-        fused_blocks.install(peft_model)
-        packing.enable(model)
+        T.install_fused(peft_model, model, device, layers=fused_module)
     loss_fn = ResponseLoss(peft_model).to(device)
     loss_fn.train()
     params = [p for p in loss_fn.parameters() if p.requires_grad]

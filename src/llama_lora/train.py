@@ -43,7 +43,6 @@ from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config, TrainConfig
 from llama_lora.errors import DataError, LlamaLoraError
 from llama_lora.loss import ResponseLoss
-from llama_lora.packing import collate_packed
 from llama_lora.progress import Reporter
 
 
@@ -116,6 +115,16 @@ def use_fused(setting: bool | str, device: str) -> bool:
     return device == "cpu" if setting == "auto" else bool(setting)
 
 
+def install_fused(peft_model, model, device: str, layers=fused) -> None:
+    """`train.fused`: fused projections (``layers``, the fused module; bench/paired_steps.py swaps in another
+    version), fused RMSNorm/SwiGLU, and packed-batch attention on the base ``model``."""
+    layers.install(peft_model)
+    fused_blocks.install(peft_model)
+    if device == "cpu":
+        fused_blocks.use_grouped_kv_attention()
+    packing.enable(model)  # training micro-batches are packed (collate_packed); other calls take SDPA
+
+
 def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``params``; ``t.optim`` auto takes torch's fused implementation where the device has one."""
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
@@ -124,11 +133,14 @@ def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.op
     return torch.optim.AdamW(params, **kwargs)
 
 
+try:  # torch checks this only at the first step; the check itself is private, so fall back to CPU/CUDA
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+except ImportError:
+    _device_dtype_check_for_fused = None
+
+
 def _fused_adamw_supported(p: torch.Tensor) -> bool:
-    # torch checks this only at the first step; the check itself is private, so fall back to CPU/CUDA
-    try:
-        from torch.optim.optimizer import _device_dtype_check_for_fused
-    except ImportError:
+    if _device_dtype_check_for_fused is None:
         return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
     try:
         _device_dtype_check_for_fused(p)
@@ -310,11 +322,7 @@ def train(
         ) / "adapter_init"
     peft_model = adapters.attach(model, cfg.peft, device, initial_dir=initial, autocast=precision != "fp32")
     if fused_on:
-        fused.install(peft_model)
-        fused_blocks.install(peft_model)
-        if device == "cpu":
-            fused_blocks.use_grouped_kv_attention()
-        packing.enable(model)  # training micro-batches are packed (collate_packed); other calls take SDPA
+        install_fused(peft_model, model, device)
     n_train, n_total = adapters.trainable_parameters(peft_model)
     say(
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
@@ -412,7 +420,7 @@ def train(
             step_loss = 0.0
             for slot, (b, weight) in enumerate(share):
                 rows = [ds.train[i] for i in b]
-                batch = collate_packed(rows) if fused_on else collate(rows, pad)
+                batch = packing.collate_packed(rows) if fused_on else collate(rows, pad)
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 with parallel.sync_unless_last(accelerator, loss_fn, last=slot == len(share) - 1):
                     loss_sum, _ = loss_fn(**batch)
