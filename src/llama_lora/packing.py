@@ -6,9 +6,11 @@ already grouped by length). :func:`collate_packed` concatenates the rows into on
 per-row ``position_ids`` (rotary positions restart at 0 for every row), so all of those operations run on the
 ``N`` real tokens only. Attention must not cross rows: :func:`packed_attention` (registered with transformers'
 ``AttentionInterface`` as ``"llama_lora_packed"``) scatters the packed queries, keys and values into the padded
-``(B, H, max(l), d)`` layout, runs one causal SDPA call, and gathers the real positions back. With right padding
-a causal mask is already exact for every real query (its keys are real tokens of its own row), so no padding
-mask is needed; padded positions are never read back, so they receive no gradient.
+``(B, H, max(l), d)`` layout, runs one causal attention call (:func:`llama_lora.attention.causal_attention`:
+torch's flash attention, with its float32 backward for short bf16 rows on the CPU), and gathers the real
+positions back. With right padding a causal mask is already exact for every real query (its keys are real
+tokens of its own row), so no padding mask is needed; padded positions are never read back, so they receive
+no gradient.
 
 The loss is unchanged: the label of each row's first token is ignored (as it already was: targets are shifted
 by one inside a row, and a row starts with prompt tokens), so the last token of one row never predicts the first
@@ -18,10 +20,12 @@ token of the next. Calls without ``llama_lora_rows`` (evaluation, generation) ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
+from llama_lora.attention import causal_attention
 from llama_lora.data import IGNORE, Example
 
 NAME = "llama_lora_packed"
@@ -84,21 +88,19 @@ def packed_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    gqa = key.shape[1] != query.shape[1]
-    if rows.rows == 1:
-        out = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+    if dropout:
+        attend = partial(
+            F.scaled_dot_product_attention,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
         )
-        return out.transpose(1, 2).contiguous(), None
-    out = F.scaled_dot_product_attention(
-        _to_rows(query, rows),
-        _to_rows(key, rows),
-        _to_rows(value, rows),
-        dropout_p=dropout,
-        is_causal=True,
-        scale=scaling,
-        enable_gqa=gqa,
-    )  # (rows, heads, width, d)
+    else:
+        attend = partial(causal_attention, scale=scaling)  # CPU bf16: float32 backward for short rows
+    if rows.rows == 1:
+        return attend(query, key, value).transpose(1, 2).contiguous(), None
+    out = attend(_to_rows(query, rows), _to_rows(key, rows), _to_rows(value, rows))  # (rows, heads, width, d)
     out = out.transpose(1, 2).reshape(rows.rows * rows.width, out.shape[1], out.shape[3])
     return out.index_select(0, rows.slots)[None], None  # (1, N, heads, d)
 

@@ -1,0 +1,76 @@
+"""Causal self-attention for bf16 training on the CPU: flash forward, float32 flash backward for short rows.
+
+torch's CPU flash-attention backward is much slower in bf16 than in float32 at the widths fine-tuning batches
+have (rows of tens to a few hundred tokens): measured here with SmolLM2's 9 query / 3 key-value heads, 8 rows
+of 53 tokens took 7.3 ms in bf16 and 2.1 ms in float32 including the casts, 7 rows of 146 tokens 15.3 vs 7.4
+ms; from about 550 tokens on bf16 is as fast or faster (bench/RESULTS.md). The forward is not affected.
+:class:`CausalAttention` therefore runs torch's flash forward in the activation dtype, exactly as
+``scaled_dot_product_attention`` does (same kernel, same output, and only the output plus one float32
+log-sum-exp per query kept for backward), and for rows up to :data:`FLOAT32_BACKWARD_WIDTH` tokens runs torch's
+flash backward kernel on float32 copies of ``q``, ``k``, ``v``, the output and its gradient, rounding the
+gradients to bf16 once at the end. That is also a little more precise than the bf16 backward, which rounds
+inside (tests/test_attention.py compares both with a float64 reference).
+
+Used for packed training batches (packing.py). Anything else -- other devices and dtypes, calls without
+gradients, longer rows' forward -- is plain ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["CausalAttention", "causal_attention", "usable", "FLOAT32_BACKWARD_WIDTH"]
+
+FLOAT32_BACKWARD_WIDTH = 512  # measured: float32 faster up to ~400 tokens, even at ~565, bf16 faster from 768
+
+_ops = torch.ops.aten
+_flash = getattr(_ops, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(_ops, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :class:`CausalAttention` applies: bf16 on the CPU, gradients needed, rows short enough to gain."""
+    return (
+        _flash is not None
+        and _flash_backward is not None
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.dim() == 4
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[2] == k.shape[2] <= FLOAT32_BACKWARD_WIDTH
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of ``q`` (B, H, W, d) over ``k``, ``v`` (B, Hkv, W, d); ``H`` a multiple of ``Hkv``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if usable(q, k, v):
+        return CausalAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+class CausalAttention(torch.autograd.Function):
+    """torch's flash forward in the input dtype; its flash backward in float32 (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _flash(q, k, v, 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        f = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
+        grads = _flash_backward(
+            d_out.to(f), q.to(f), k.to(f), v.to(f), out.to(f), lse, 0.0, True, scale=ctx.scale
+        )
+        return *(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None
