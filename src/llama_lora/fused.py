@@ -66,7 +66,8 @@ def drop_positions(n: int, p: float, device: torch.device | str) -> torch.Tensor
     """Sorted flat indices (int64) of the elements dropped among ``n``, each one independently with probability ``p``.
 
     Drawn as the gaps of a Bernoulli process: the distance from one dropped element to the next is geometric,
-    ``1 + floor(log(1 - U) / log(1 - p))`` for a float32 uniform ``U`` from torch's default generator. That is
+    ``1 + floor(log(U) / log(1 - p))`` for a float32 ``U`` uniform in ``[2**-24, 1)`` from torch's default
+    generator (five operators per draw, the floor taken by the conversion to integers). That is
     about ``n * p`` uniforms instead of one random word per element (dropout 0.05 on a 1024 x 576 input: ~0.2 ms
     instead of ~0.9 ms for a dense mask here), and the indices are ~20x smaller to keep for backward than a
     1-byte mask. Exact up to float32 rounding: gaps beyond ``log(2**-24) / log(1 - p)`` (probability 6e-8)
@@ -78,12 +79,13 @@ def drop_positions(n: int, p: float, device: torch.device | str) -> torch.Tensor
         return torch.arange(n, device=device)
     mean = n * p
     count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)  # enough to pass n but for ~1e-9 of draws
-    log_keep = math.log1p(-p)
+    inv_log_keep = 1.0 / math.log1p(-p)
     parts, start = [], 0
     while True:
-        u = torch.empty(count, device=device).uniform_()
-        gaps = torch.rsub(u, 1.0).log_().div_(log_keep).floor_()  # 1 - U lies in (0, 1]
-        pos = gaps.to(torch.int64).cumsum_(0).add_(torch.arange(start, start + count, device=device))
+        # U in [2**-24, 1): log U is finite. 1 + gap = trunc(log U / log(1 - p) + 1), the ratio being >= 0
+        steps = torch.empty(count, device=device).uniform_(2.0**-24, 1.0)
+        steps = steps.log_().mul_(inv_log_keep).add_(1.0).to(torch.int64)
+        pos = steps.cumsum_(0).add_(start - 1)  # the k-th dropped index: sum of the first k steps - 1
         inside = int(torch.searchsorted(pos, n))
         parts.append(pos[:inside])
         if inside < count:
@@ -155,11 +157,10 @@ class FusedLoraLinear(torch.autograd.Function):
             gu = torch.mm(gz, b).mul_(s)
             dx = dA = dB = dm = None
             if need_x:
-                dx = torch.mm(gz, weight.to(dtype))
                 if drop is None:
-                    dx.addmm_(gu, a)
-                else:
-                    dx.add_(_zeroed(torch.mm(gu, a), drop, inplace=True))
+                    dx = torch.mm(gz, weight.to(dtype)).addmm_(gu, a)
+                else:  # the dropped LoRA term first, then the base term accumulated onto it in the matmul
+                    dx = _zeroed(torch.mm(gu, a), drop, inplace=True).addmm_(gz, weight.to(dtype))
                 dx = dx.view(*d_out.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
             if need_a:
                 dA = torch.mm(gu.t(), _zeroed(x2, drop)).to(a_dtype)
