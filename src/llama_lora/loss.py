@@ -51,10 +51,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], rows):
             y = targets[start : start + rows]
             logits = F.linear(h[start : start + rows], weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # in place: one exp serves the log-sum-exp and the softmax
+            sums = e.sum(dim=-1, keepdim=True)
+            total += (sums.log().add_(top).squeeze(1) - picked).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: logits are not needed again
+                probs = e.div_(sums)
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
