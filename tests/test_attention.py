@@ -52,9 +52,7 @@ def test_bf16_same_output_as_sdpa_and_gradients_at_least_as_close(width: int) ->
     q, k, v = _qkv(3, 9, 3, width, 64, torch.bfloat16)
     d_out = torch.randn(3, 9, width, 64).bfloat16()
     assert attention.usable(q, k, v)
-    _, exact = _grads(
-        _sdpa, *[t.detach().double().requires_grad_() for t in (q, k, v)], d_out.double()
-    )
+    _, exact = _grads(_sdpa, *[t.detach().double().requires_grad_() for t in (q, k, v)], d_out.double())
     sdpa_out, sdpa = _grads(_sdpa, q, k, v, d_out)
     out, got = _grads(lambda *t: attention.causal_attention(*t, scale=0.125), q, k, v, d_out)
     assert torch.equal(out, sdpa_out)  # the same flash forward kernel
