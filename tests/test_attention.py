@@ -76,6 +76,14 @@ def test_applies_only_where_measured() -> None:
     # where it does not apply, the result is SDPA's
     out = attention.causal_attention(*wide, scale=0.125)
     assert torch.equal(out, _sdpa(*wide))
+    # attention dropout, even where it would apply, is SDPA's with dropout (same draws from the same seed)
+    torch.manual_seed(3)
+    dropped = attention.causal_attention(q, k, v, scale=0.125, dropout=0.5)
+    torch.manual_seed(3)
+    expected = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=0.5, is_causal=True, scale=0.125, enable_gqa=True
+    )
+    assert torch.equal(dropped, expected) and not torch.equal(dropped, _sdpa(q, k, v))
 
 
 def test_packed_bf16_training_uses_it_and_matches_sdpa_gradients(monkeypatch) -> None:

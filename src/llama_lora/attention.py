@@ -12,7 +12,7 @@ gradients to bf16 once at the end. That is also a little more precise than the b
 inside (tests/test_attention.py compares both with a float64 reference).
 
 Used for packed training batches (packing.py). Anything else -- other devices and dtypes, calls without
-gradients, longer rows' forward -- is plain ``scaled_dot_product_attention``.
+gradients, longer rows, attention dropout -- is plain ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -45,14 +45,21 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Causal attention of ``q`` (B, H, W, d) over ``k``, ``v`` (B, Hkv, W, d); ``H`` a multiple of ``Hkv``."""
+    """Causal attention of ``q`` (B, H, W, d) over ``k``, ``v`` (B, Hkv, W, d); ``H`` a multiple of ``Hkv``.
+
+    Attention dropout (``dropout > 0``) always takes ``scaled_dot_product_attention``.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if usable(q, k, v):
+    if not dropout and usable(q, k, v):
         return CausalAttention.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 

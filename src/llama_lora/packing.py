@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch.nn import functional as F
 
 from llama_lora.attention import causal_attention
 from llama_lora.data import IGNORE, Example
@@ -88,16 +87,8 @@ def packed_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    if dropout:
-        attend = partial(
-            F.scaled_dot_product_attention,
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=key.shape[1] != query.shape[1],
-        )
-    else:
-        attend = partial(causal_attention, scale=scaling)  # CPU bf16: float32 backward for short rows
+    # CPU bf16 training: float32 flash backward for short rows; otherwise SDPA
+    attend = partial(causal_attention, scale=scaling, dropout=dropout)
     if rows.rows == 1:
         return attend(query, key, value).transpose(1, 2).contiguous(), None
     out = attend(_to_rows(query, rows), _to_rows(key, rows), _to_rows(value, rows))  # (rows, heads, width, d)
