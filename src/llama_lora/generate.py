@@ -17,7 +17,7 @@ import torch
 from llama_lora import data, models
 from llama_lora.config import Config, ModelConfig, load_config
 from llama_lora.errors import LlamaLoraError
-from llama_lora.meta import base_fingerprint, read_meta
+from llama_lora.meta import fingerprint_matches, read_meta
 
 
 class InferenceError(LlamaLoraError):
@@ -124,7 +124,7 @@ def load(
     description = mcfg.name
     if src is not None:
         models.refuse_pickled(src.adapter_dir, mcfg.allow_pickle, key="--adapter")
-        if src.fingerprint is not None and base_fingerprint(model) != src.fingerprint:
+        if src.fingerprint is not None and not fingerprint_matches(src.fingerprint, model):
             raise InferenceError(
                 f"--adapter: {src.adapter_dir} was trained for a different base model than {mcfg.name} "
                 f"(trained on {src.base_name}; shapes or weights differ). Use that base or drop --base."
