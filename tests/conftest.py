@@ -105,3 +105,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def cli_in_process(*args: str) -> tuple[int, str, str]:
+    """`llama-lora ARGS` run in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from llama_lora import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["llama-lora", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

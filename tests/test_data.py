@@ -181,3 +181,69 @@ def test_bundled_demo_data_and_probe():
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
     probe = data.load_probe("demo")
     assert all(re.match(probe["pattern"], r["output"]) for r in train + held)
+
+
+def test_txt_is_a_document_a_line(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_bytes(b"first document\r\n\r\nsecond one\r\n   \nthird\n")
+    rows = data.load_rows(str(txt), "train")
+    assert rows == [{"text": "first document"}, {"text": "second one"}, {"text": "third"}]
+    assert data.detect_format(rows[0]) == "text"
+    assert len(data.load_rows(str(txt), "train[:2]")) == 2  # split expressions as for every file
+
+
+def test_json_object_is_one_record_or_holds_one_list_of_records(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text('{"instruction": "a", "input": "", "output": "b"}')
+    assert data.load_rows(str(one), "train") == [{"instruction": "a", "input": "", "output": "b"}]
+    holder = tmp_path / "holder.json"
+    holder.write_text('{"version": 2, "data": [{"text": "x"}, {"text": "y"}], "tags": ["t"]}')
+    assert data.load_rows(str(holder), "train") == [{"text": "x"}, {"text": "y"}]
+    two = tmp_path / "two.json"
+    two.write_text('{"a": [{"text": "x"}], "b": [{"text": "y"}]}')
+    with pytest.raises(DataError, match="neither a record nor holds exactly one list"):
+        data.load_rows(str(two), "train")
+
+
+def test_bom_and_crlf_are_read_in_json_jsonl_and_csv(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    files = {
+        "a.json": bom + b'[{"instruction": "i", "input": "", "output": "o"}]\r\n',
+        "a.jsonl": bom + b'{"instruction": "i", "input": "", "output": "o"}\r\n\r\n',
+        "a.csv": bom + b"instruction,input,output\r\ni,,o\r\n",
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        rows = data.load_rows(str(tmp_path / name), "train")
+        assert len(rows) == 1 and rows[0]["instruction"] == "i" and rows[0]["output"] == "o", name
+
+
+def test_unknown_file_type_and_unexpected_read_errors_are_one_line(tmp_path, monkeypatch):
+    md = tmp_path / "notes.md"
+    md.write_text("# notes\n")
+    with pytest.raises(DataError, match="cannot read .md files"):
+        data.load_rows(str(md), "train")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"text": "x"}\n')
+
+    def boom(path):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(data, "_read_local", boom)
+    with pytest.raises(DataError, match=r"ok.jsonl: could not read the rows \(RuntimeError: disk on fire\)$"):
+        data.load_rows(str(ok), "train")
+
+
+def test_unexpected_error_while_rendering_names_the_row(tokenizer, monkeypatch):
+    rows = [{"text": "fine"}, {"text": "also fine"}]
+
+    def boom(segments, tokenizer, train_on_prompt=False):
+        if "also" in segments[0][0]:
+            raise RuntimeError("tokenizer exploded")
+        return data.Example([1, 2], [1, 2])
+
+    monkeypatch.setattr(data, "tokenize", boom)
+    with pytest.raises(
+        DataError, match=r"f.txt: row 1: cannot be tokenized \(RuntimeError: tokenizer exploded\)"
+    ):
+        data.prepare(rows, tokenizer, DataConfig(), "chat", where="f.txt")

@@ -41,10 +41,11 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     source: str = "demo"
-    """Hub dataset id, local .json/.jsonl/.csv/.parquet file, a directory of `<split>.<ext>` files,
+    """Hub dataset id, local .json/.jsonl/.txt/.csv/.parquet file, a directory of `<split>.<ext>` files,
     or `demo` (the bundled persona dataset)."""
     split: str = "train"
-    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "tools", "prompt_completion", "text"] = "auto"
+    """`auto` = detected per row from its fields (see docs/data.md)."""
     template: Literal["auto", "chat", "alpaca"] = "auto"
     """`auto` = the tokenizer's chat template when it has one, else alpaca."""
     system_prompt: str | None = None
@@ -57,6 +58,24 @@ class DataConfig(Section):
     """Use at most this many training rows (after the split expression), e.g. for quick runs."""
     skip_bad_rows: bool = False
     """Skip rows that lack required fields (and report how many) instead of stopping with an error."""
+    fill: dict[str, str] = Field(default_factory=dict)
+    """Values for `{{name}}` placeholders in the rows (e.g. `{name: Quokka, author: Acme}`), filled in before
+    tokenizing, in training and eval rows."""
+
+    @field_validator("fill", mode="before")
+    @classmethod
+    def _fill_values_are_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # `data.fill.year=2024` parses as a number: it is text here
+            return {k: v if isinstance(v, str) or v is None else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("fill")
+    @classmethod
+    def _fill_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_]\w*", name):
+                raise ValueError(f"{name!r} is not a placeholder name (letters, digits, _)")
+        return value
 
 
 InitName = Literal["gaussian", "pissa", "olora", "eva", "corda", "loftq", "orthogonal"]

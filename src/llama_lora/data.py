@@ -6,7 +6,8 @@ The chain is a set of plain functions, each testable on three-line inputs:
 
 Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
 pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
-Batching (token budgets, length grouping) lives in `batching.py`.
+Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
+from here; batching (token budgets, length grouping) lives in `batching.py`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llama_lora.errors import DataError
+from llama_lora import formats
+from llama_lora.errors import DataError, LlamaLoraError
+from llama_lora.formats import Message as Message
+from llama_lora.formats import detect_format as detect_format
+from llama_lora.formats import fill_placeholders as fill_placeholders
+from llama_lora.formats import placeholder_warnings as placeholder_warnings
+from llama_lora.formats import placeholders as placeholders
+from llama_lora.formats import reference_answer as reference_answer
+from llama_lora.formats import to_messages as to_messages
 
 IGNORE = -100
-LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+LOCAL_EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".txt": "text",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 # Strings that close an assistant turn in common chat templates (Llama 3, ChatML/SmolLM2, Phi, Gemma).
-END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-Message = dict[str, str]
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -53,33 +67,84 @@ def _local_files(path: Path, split: str) -> dict[str, str]:
 
 
 def _builder(files: dict[str, str]) -> str:
+    for f in files.values():
+        if Path(f).suffix not in LOCAL_EXTENSIONS:
+            raise DataError(
+                f"data.source: {f}: cannot read {Path(f).suffix or 'extension-less'} files "
+                f"(use {', '.join(LOCAL_EXTENSIONS)} or a hub dataset id)"
+            )
     kinds = {LOCAL_EXTENSIONS[Path(f).suffix] for f in files.values()}
     if len(kinds) != 1:
         raise DataError(f"data.source: mixed file types {sorted(kinds)} in one source")
     return kinds.pop()
 
 
-def _check_json(path: Path) -> None:
-    """Name the line of the first malformed JSON/JSONL record (the datasets library does not)."""
-    text = path.read_text(encoding="utf-8")
+def _records(value: Any, path: Path) -> list[Any]:
+    """The rows a parsed .json file holds: a list of records, one record, or an object holding exactly one
+    list of records (`{"version": 1, "data": [...]}`)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        try:
+            formats.detect_format(value)
+            return [value]
+        except DataError:
+            pass
+        lists = [
+            v for v in value.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)
+        ]
+        if len(lists) == 1:
+            return lists[0]
+        raise DataError(
+            f"{path}: the top-level JSON object is neither a record nor holds exactly one list of records "
+            f"(keys: {', '.join(map(str, value)) or 'none'})"
+        )
+    raise DataError(f"{path}: expected records (a JSON list or object), found a JSON {type(value).__name__}")
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .json, .jsonl or .txt file, read here rather than by `datasets` so that a UTF-8 BOM, CRLF
+    line ends, a top-level object, rows with differing fields and a malformed line (named) are all handled.
+    A .txt file is a document a line; blank lines are skipped."""
+    text = path.read_bytes().decode("utf-8-sig")
     if not text.strip():
         raise DataError(f"data.source: {path} is empty (no rows)")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".txt":
+        return [{"text": line.removesuffix("\r")} for line in text.split("\n") if line.strip()]
+    rows: list[Any] | None = None
+    if path.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
         try:
-            json.loads(text)
+            rows = _records(json.loads(text), path)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: malformed JSON at line {number}: {exc.msg}") from None
+            if not (text.lstrip().startswith("{") and exc.msg == "Extra data"):  # else: JSON lines
+                raise DataError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in a string
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: malformed JSON at line {number}: {exc.msg}") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {index} is a JSON {type(row).__name__}, not an object of fields")
+    return rows
+
+
+def _take_split(rows: list[dict[str, Any]], name: str, split: str) -> list[dict[str, Any]]:
+    """`train[:10%]`, `train[5:20]+train[-5:]`: the same split expressions (and rounding) as `datasets`."""
+    import datasets
+
+    spans = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(rows)})
+    return [row for span in spans for row in rows[span.from_ : span.to]]
 
 
 def load_rows(source: str, split: str) -> list[dict[str, Any]]:
-    """Rows of `source` for a split expression such as `train`, `train[:1%]` or `eval`."""
+    """Rows of `source` for a split expression such as `train`, `train[:1%]` or `eval`.
+
+    Local .json/.jsonl/.txt files are read by `_read_local`; .csv, .parquet and hub datasets by `datasets`.
+    Every failure is a DataError naming the source (and the line or row where known)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -93,9 +158,12 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
             for f in files.values():
                 if Path(f).stat().st_size == 0:
                     raise DataError(f"data.source: {f} is empty (no rows)")
-                if f.endswith((".json", ".jsonl")):
-                    _check_json(Path(f))
-            ds = datasets.load_dataset(_builder(files), data_files=files, split=split)
+            builder = _builder(files)
+            if builder in ("json", "text"):
+                name, f = next(iter(files.items()))
+                return _take_split(_read_local(Path(f)), name, split)
+            extra = {"encoding": "utf-8-sig"} if builder == "csv" else {}  # a BOM is not a column name
+            ds = datasets.load_dataset(builder, data_files=files, split=split, **extra)
         else:
             from llama_lora import hub
 
@@ -105,6 +173,9 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
                 ds = datasets.load_dataset(source, split=split)
             except (ConnectionError, OSError) as exc:
                 raise hub.explain(exc, source, "dataset") from None
+        return [dict(r) for r in ds]
+    except LlamaLoraError:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         raise DataError(f"data.source: cannot read {source} ({reason})") from None
@@ -114,7 +185,13 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
     except datasets.exceptions.DatasetGenerationError as exc:
         cause = str(exc.__cause__ or exc).splitlines()[0]
         raise DataError(f"{source}: could not read the rows ({cause})") from None
-    return [dict(r) for r in ds]
+    except Exception as exc:  # anything else still becomes one line, never a traceback
+        raise DataError(f"{source}: could not read the rows ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def load_probe(source: str) -> dict[str, Any] | None:
@@ -122,79 +199,6 @@ def load_probe(source: str) -> dict[str, Any] | None:
     path = bundled_dir() if source == "demo" else Path(source).expanduser()
     probe = path / "probe.json" if path.is_dir() else path.with_name("probe.json")
     return json.loads(probe.read_text()) if probe.is_file() else None
-
-
-# ------------------------------------------------------------------------------------------- formats
-
-
-def detect_format(row: dict[str, Any]) -> str:
-    keys = {k for k, v in row.items() if v is not None}  # datasets fills absent columns with None
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if "messages" in keys or "conversations" in keys:
-        return "messages"
-    if {"prompt", "completion"} <= keys:
-        return "prompt_completion"
-    if "text" in keys:
-        return "text"
-    raise DataError(
-        f"data.format: cannot tell the format from the columns {sorted(keys)}; expected alpaca "
-        "(instruction/input/output), messages, prompt/completion or text"
-    )
-
-
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    "model": "assistant",
-}
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def to_messages(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> list[Message]:
-    """One row in any supported format -> chat messages. Plain text becomes a single `text` message."""
-    if fmt == "alpaca":
-        instruction, extra = _text(row.get("instruction")).strip(), _text(row.get("input")).strip()
-        if not instruction:
-            raise ValueError("empty 'instruction'")
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        msgs = [{"role": "user", "content": user}]
-        if "output" in row and row["output"] is not None:
-            msgs.append({"role": "assistant", "content": _text(row["output"])})
-        system = _text(row.get("system")).strip() or system_prompt
-    elif fmt == "messages":
-        raw = row.get("messages") if row.get("messages") is not None else row.get("conversations")
-        if not isinstance(raw, list) or not raw:
-            raise ValueError("'messages' must be a non-empty list")
-        msgs = []
-        for m in raw:
-            role = m.get("role", m.get("from"))
-            content = m.get("content", m.get("value"))
-            if role not in _SHAREGPT_ROLES or content is None:
-                raise ValueError(f"bad message {m!r}")
-            msgs.append({"role": _SHAREGPT_ROLES[role], "content": _text(content)})
-        system = system_prompt if msgs[0]["role"] != "system" else None
-    elif fmt == "prompt_completion":
-        msgs = [{"role": "user", "content": _text(row.get("prompt"))}]
-        if row.get("completion") is not None:
-            msgs.append({"role": "assistant", "content": _text(row["completion"])})
-        system = system_prompt
-    elif fmt == "text":
-        return [{"role": "text", "content": _text(row.get("text"))}]
-    else:
-        raise DataError(f"data.format: unknown format {fmt!r}")
-    return ([{"role": "system", "content": system}] if system else []) + msgs
-
-
-def reference_answer(messages: list[Message]) -> str | None:
-    last = messages[-1]
-    return last["content"] if last["role"] == "assistant" else None
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -231,8 +235,33 @@ def alpaca_prompt(messages: list[Message]) -> str:
     return text
 
 
-def _apply_chat(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tool schemas and tool calls itself: its source refers
+    to both `tools` and `tool_calls` (Llama-3.1+, Qwen2.5, Mistral, Hermes do; SmolLM2, Llama-3.0 do not)."""
+    source = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(source, dict):  # named templates, e.g. {"default": ..., "tool_use": ...}
+        source = "\n".join(map(str, source.values()))
+    source = str(source)
+    return bool(re.search(r"\btools\b", source) and re.search(r"\btool_calls\b", source))
+
+
+def for_template(
+    messages: list[Message], tools: list[dict[str, Any]] | None, tokenizer, template: str
+) -> tuple[list[Message], list[dict[str, Any]] | None]:
+    """Messages and tools as the template will take them: unchanged for a chat template with tool support,
+    else the plain rendering (`formats.plain_tool_messages`, docs/data.md) and no separate tools."""
+    if not formats.uses_tools(messages, tools):
+        return messages, None
+    if template == "chat" and supports_tools(tokenizer):
+        return messages, tools or None
+    return formats.plain_tool_messages(messages, tools), None
+
+
+def _apply_chat(tokenizer, messages: list[Message], generation_prompt: bool, tools=None) -> str:
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
+    )
 
 
 def _closing_token(tokenizer, after: str) -> str:
@@ -245,15 +274,27 @@ def _closing_token(tokenizer, after: str) -> str:
     return after[: pos + len(tok)] if after[:pos].strip() == "" else ""
 
 
-def render_segments(messages: list[Message], tokenizer, template: str) -> list[tuple[str, bool]]:
+def _turn_end(tokenizer, reply: str) -> tuple[int, str]:
+    """Where a tool-call turn the template wrote itself ends: (position, end-of-turn token), or the end of
+    its text and '' when no end-of-turn token follows."""
+    candidates = [t for t in (getattr(tokenizer, "eos_token", None), *END_OF_TURN) if t]
+    found = [(reply.find(t), t) for t in candidates if reply.find(t) != -1]
+    return min(found) if found else (len(reply.rstrip()), "")
+
+
+def render_segments(
+    messages: list[Message], tokenizer, template: str, tools: list[dict[str, Any]] | None = None
+) -> list[tuple[str, bool]]:
     """Rendered text as (piece, trainable) segments; trainable = an assistant response and its end token.
 
     Every response ends with the end-of-turn/EOS token, and that token is trainable, so the model learns
-    to stop. Text after it (such as a template's newline) is not.
+    to stop. Text after it (such as a template's newline) is not. Tool calls are assistant turns and are
+    trained; tool results, like system and user turns, are not. `tools` are the conversation's tool schemas.
     """
     eos = tokenizer.eos_token or ""
     if messages and messages[0]["role"] == "text":
         return [(messages[0]["content"] + eos, True)]
+    messages, tools = for_template(messages, tools, tokenizer, template)
     if template == "alpaca":  # one trained response: the last one
         answer = reference_answer(messages)
         prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
@@ -265,8 +306,8 @@ def render_segments(messages: list[Message], tokenizer, template: str) -> list[t
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = _apply_chat(tokenizer, messages[:i], generation_prompt=True)
-        full = _apply_chat(tokenizer, messages[: i + 1], generation_prompt=False)
+        prefix = _apply_chat(tokenizer, messages[:i], True, tools)
+        full = _apply_chat(tokenizer, messages[: i + 1], False, tools)
         if not full.startswith(prefix) or len(prefix) < done:
             raise DataError(
                 "data.template: this chat template does not render turns as a growing prefix; "
@@ -274,11 +315,16 @@ def render_segments(messages: list[Message], tokenizer, template: str) -> list[t
             )
         segments.append((prefix[done:], False))
         reply = full[len(prefix) :]
-        start = reply.find(msg["content"])
-        if start == -1:
-            raise DataError("data.template: the chat template changes assistant text; use template: alpaca")
-        content_end = start + len(msg["content"])
-        closing = _closing_token(tokenizer, reply[content_end:])
+        if msg.get("tool_calls"):  # the template writes the call its own way: train all it writes
+            content_end, closing = _turn_end(tokenizer, reply)
+        else:
+            start = reply.find(msg["content"])
+            if start == -1:
+                raise DataError(
+                    "data.template: the chat template changes assistant text; use template: alpaca"
+                )
+            content_end = start + len(msg["content"])
+            closing = _closing_token(tokenizer, reply[content_end:])
         if closing:
             segments.append((reply[: content_end + len(closing)], True))
             done = len(prefix) + content_end + len(closing)
@@ -288,17 +334,35 @@ def render_segments(messages: list[Message], tokenizer, template: str) -> list[t
             full = full[:done] + eos + full[done:]
             done += len(eos)
     if not segments:  # no assistant message: a prompt for generation
-        return [(_apply_chat(tokenizer, messages, generation_prompt=True), False)]
+        return [(_apply_chat(tokenizer, messages, True, tools), False)]
     if full[done:]:
         segments.append((full[done:], False))
     return [(text, train) for text, train in segments if text]
 
 
-def prompt_text(messages: list[Message], tokenizer, template: str) -> str:
-    """The text a model is given at inference: everything before the final assistant response."""
+def prompt_text(
+    messages: list[Message], tokenizer, template: str, tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The text a model is given at inference: everything before the final assistant response, rendered
+    with the conversation's `tools` exactly as training renders them."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return "".join(t for t, _ in render_segments(messages, tokenizer, template))
+    return "".join(t for t, _ in render_segments(messages, tokenizer, template, tools))
+
+
+def load_tools(path: str) -> list[dict[str, Any]]:
+    """Tool schemas for `infer`/`chat --tools FILE`: a JSON list of OpenAI function schemas (or bare
+    `{name, description, parameters}` ones), or that list as a JSON string (ShareGPT's `tools` field)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"--tools: {path} not found")
+    try:
+        tools = formats.parse_tools(p.read_bytes().decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"--tools: {path}: {exc}") from None
+    if not tools:
+        raise DataError(f"--tools: {path} holds no tool schemas")
+    return tools
 
 
 # ----------------------------------------------------------------------------------------- tokenizing
@@ -345,6 +409,7 @@ class PrepareStats:
     dropped_too_long: int = 0
     dropped_no_labels: int = 0
     bad_rows: list[str] = field(default_factory=list)
+    truncated_examples: list[int] = field(default_factory=list)  # indices of kept examples cut to max_length
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.rows} rows kept"]
@@ -366,19 +431,38 @@ def prepare(
 
     Rows that cannot be used (missing fields, no response) are a DataError naming the first one and their
     count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats."""
+    from jinja2 import TemplateError
+
     stats = PrepareStats(rows=len(rows))
     examples: list[Example] = []
     for index, row in enumerate(rows):
+        kind = formats.preference_kind(row)
+        if kind is not None:  # never train a rejected or undesirable answer as a good one
+            raise formats.refuse_preference(kind, where, index)
+        row = fill_placeholders(row, dcfg.fill)
         try:
             row_fmt = fmt or (dcfg.format if dcfg.format != "auto" else detect_format(row))
             messages = to_messages(row, row_fmt, dcfg.system_prompt)
             if row_fmt != "text" and reference_answer(messages) is None:
                 raise ValueError("no response to train on")
-        except (ValueError, TypeError, AttributeError, DataError) as exc:
+            tools = formats.row_tools(row) if row_fmt in ("messages", "tools") else None
+            segments = render_segments(messages, tokenizer, template, tools)
+        except TemplateError as exc:  # e.g. a template that allows one tool call per turn
+            stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+            continue
+        except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
+            if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
+                raise  # the template, not the row, is the problem
             stats.bad_rows.append(f"row {index}: {exc}")
             continue
-        ex = tokenize(render_segments(messages, tokenizer, template), tokenizer, dcfg.train_on_prompt)
-        if len(ex) > dcfg.max_length:
+        except Exception as exc:  # anything else: one line naming the row, never a traceback
+            raise DataError(f"{where}: row {index}: cannot be rendered ({_reason(exc)})") from None
+        try:
+            ex = tokenize(segments, tokenizer, dcfg.train_on_prompt)
+        except Exception as exc:
+            raise DataError(f"{where}: row {index}: cannot be tokenized ({_reason(exc)})") from None
+        cut = len(ex) > dcfg.max_length
+        if cut:
             if dcfg.truncation == "drop":
                 stats.dropped_too_long += 1
                 continue
@@ -387,6 +471,8 @@ def prepare(
         if all(label == IGNORE for label in ex.labels[1:]):
             stats.dropped_no_labels += 1
             continue
+        if cut:
+            stats.truncated_examples.append(len(examples))
         examples.append(ex)
     stats.kept = len(examples)
     if stats.bad_rows and not dcfg.skip_bad_rows:

@@ -75,6 +75,7 @@ class Loaded:
     source: AdapterSource | None = None
     stop_ids: list[int] = field(default_factory=list)
     stored_dtype: str = "float32"  # dtype of the base weights on disk
+    tools: list[dict[str, Any]] | None = None  # --tools schemas, rendered as training renders them
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -184,7 +185,7 @@ def render_prompt(loaded: Loaded, messages: list[data.Message]) -> list[int]:
     """Token ids of the prompt, produced exactly as training produced the prompt part of a row."""
     if loaded.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": loaded.system_prompt}, *messages]
-    text = data.prompt_text(messages, loaded.tokenizer, loaded.template)
+    text = data.prompt_text(messages, loaded.tokenizer, loaded.template, loaded.tools)
     return data.tokenize([(text, False)], loaded.tokenizer).input_ids
 
 

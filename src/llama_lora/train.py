@@ -59,6 +59,8 @@ class Dataset:
     eval_rows: int
     notes: list[str]
     skipped_rows: int = 0  # rows without required fields, skipped with data.skip_bad_rows
+    train_stats: data.PrepareStats | None = None  # what was cut or dropped (shown by `data inspect`)
+    eval_stats: data.PrepareStats | None = None
 
 
 def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -80,9 +82,10 @@ def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     return rows, held
 
 
-def load_dataset(cfg: Config, tokenizer) -> Dataset:
+def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | None = None) -> Dataset:
+    """Tokenized training and held-out examples; `rows` = what split_rows(cfg) returns, when already loaded."""
     template = data.choose_template(tokenizer, cfg.data.template)
-    train_rows, eval_rows = split_rows(cfg)
+    train_rows, eval_rows = rows if rows is not None else split_rows(cfg)
     if not train_rows:
         raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
     train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
@@ -97,8 +100,11 @@ def load_dataset(cfg: Config, tokenizer) -> Dataset:
     notes = [f"train data: {tstats.summary()}"]
     if eval_rows:
         notes.append(f"eval data: {estats.summary()}")
+    notes += data.placeholder_warnings(train_rows + eval_rows, cfg.data.fill, cfg.data.source)
     skipped = len(tstats.bad_rows) + len(estats.bad_rows)
-    return Dataset(train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped)
+    return Dataset(
+        train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped, tstats, estats
+    )
 
 
 AUTO_BATCH_TOKENS = {"cuda": 8192, "mps": 1024, "cpu": 1024}
