@@ -142,10 +142,15 @@ def _from_pretrained(loader, ref: ModelRef, what: str, mcfg: ModelConfig, **kwar
         raise hub.explain(exc, ref.path, "model") from None
 
 
-def load_tokenizer(mcfg: ModelConfig, ref: ModelRef | None = None):
+def load_tokenizer(mcfg: ModelConfig, ref: ModelRef | None = None, convert: bool = True):
+    """The model's tokenizer. `convert=False`: a GGUF model not yet converted into the cache gives its
+    tokenizer straight from the file (the one the conversion saves), so no weights are read or written."""
     from transformers import AutoTokenizer
 
     ref = ref or resolve(mcfg.name)
+    converted = ref.gguf is None or (cache_dir() / "models" / _gguf_cache_name(ref) / "config.json").is_file()
+    if not convert and not converted:
+        return AutoTokenizer.from_pretrained(str(ref.gguf.parent), gguf_file=ref.gguf.name)
     return _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer", mcfg)
 
 
