@@ -8,6 +8,7 @@ that once shipped broken because the base fingerprint depended on the storage dt
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from llama_lora.config import load_config
 from llama_lora.train import train
 
 from .conftest import run_cli, tiny_overrides
+
+# Other libraries' output: tqdm bars, Python warnings, tracebacks (the same pattern .ci/check_demo.py uses).
+NOISE = re.compile(r"\d+%\||it/s\]|s/it\]|Warning:|warnings\.warn\(|^WARNING|Traceback", re.MULTILINE)
 
 
 def quiet(*args, **kwargs) -> None:
@@ -138,7 +142,7 @@ def test_the_whole_flow_through_the_cli_under_the_default_policy(tiny_model_dir,
     for step in steps:
         result = run_cli(*step)
         assert result.returncode == 0, f"{step[0]}: {result.stderr}"
-        assert "Traceback" not in result.stderr
+        assert not NOISE.search(result.stdout + result.stderr), f"{step[0]}: {result.stderr}"
     summary = json.loads((run / "train_summary.json").read_text())
     device = models.resolve_device("auto")
     assert (summary["device"], summary["precision"]) == (device, models.resolve_precision(device, "auto"))
@@ -148,3 +152,11 @@ def test_the_whole_flow_through_the_cli_under_the_default_policy(tiny_model_dir,
     assert json.loads((run / "merged" / "merge_report.json").read_text())["passed"]
     assert json.loads((run / "export_report.json").read_text())["passed"]
     assert (run / "model-q8_0.gguf").stat().st_size > 0 and (run / "Modelfile").is_file()
+
+
+def test_verbose_shows_what_the_libraries_print(tiny_model_dir, tmp_path):
+    """The quiet default hides something real: reading a GGUF file back shows transformers' tqdm bar.
+    (Without `--verbose` the same export is checked quiet in the whole-flow test above.)"""
+    loud = run_cli("export", "gguf", str(tiny_model_dir), "--out", str(tmp_path / "m.gguf"), "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert NOISE.search(loud.stderr), loud.stderr

@@ -29,6 +29,8 @@ config_app = typer.Typer(help="Inspect configurations and presets.", no_args_is_
 app.add_typer(config_app, name="config")
 export_app = typer.Typer(help="Export a merged model for other runtimes.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+data_app = typer.Typer(help="Look at the training data as `train` builds it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -57,14 +59,28 @@ def resolve_config(args: list[str] | None, preset: str | None) -> Config:
     return load_config(path, overrides, preset)
 
 
+_verbose = False  # the root `--verbose` option: the libraries' own progress bars and warnings stay on
+
+
 def _quiet_libraries() -> None:
+    """Silence the libraries underneath (transformers' weight loading, GGUF de-quantization, PEFT's and
+    torch's warnings) unless `--verbose`; llama-lora's own progress and messages are not affected."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _verbose:
+        return
+    # tqdm reads TQDM_* once, when it is first imported: the root callback runs before any command imports it
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 @app.command()
@@ -89,7 +105,6 @@ def train(
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other: replace the run or continue it")
     cfg = resolve_config(args, preset)
-    _quiet_libraries()
     from llama_lora.train import train as run_training
 
     result = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print, resume=resume)
@@ -118,6 +133,14 @@ BaseOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
+ToolsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tools",
+        help="JSON file of tool schemas (OpenAI function schemas, or ShareGPT's JSON string) offered in "
+        "the prompt, rendered as training renders them.",
+    ),
+]
 
 
 def _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed):
@@ -159,12 +182,14 @@ def infer(
         str | None, typer.Option(help="Override the prompt template (chat or alpaca).")
     ] = None,
     device: DeviceOpt = "auto",
+    tools: ToolsOpt = None,
 ) -> None:
     """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
-    _quiet_libraries()
+    from llama_lora import data
     from llama_lora import generate as gen
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
+    tool_schemas = data.load_tools(tools) if tools else None
     if prompts_file:
         rows = gen.prompt_rows(prompts_file)
     elif prompt is None:
@@ -172,6 +197,7 @@ def infer(
         if not prompt:
             raise ConfigError("infer: no prompt given (argument, stdin or --prompts-file)")
     loaded = gen.load(base=base, adapter=adapter, device=device, template=template, log=err.print)
+    loaded.tools = tool_schemas
     if not prompts_file:
         messages = [{"role": "user", "content": prompt}]
         if stream:
@@ -215,13 +241,16 @@ def chat(
     seed: int = 0,
     system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
     device: DeviceOpt = "auto",
+    tools: ToolsOpt = None,
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
-    _quiet_libraries()
+    from llama_lora import data
     from llama_lora import generate as gen
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
+    tool_schemas = data.load_tools(tools) if tools else None
     loaded = gen.load(base=base, adapter=adapter, device=device, log=err.print)
+    loaded.tools = tool_schemas
     if system:
         loaded.system_prompt = system
     err.print(f"chatting with {loaded.description} ({loaded.template} template). /reset clears, /exit quits.")
@@ -265,7 +294,6 @@ def merge(
     device: DeviceOpt = "auto",
 ) -> None:
     """Fold the adapter into the base weights, verify merged == unmerged, write merge_report.json."""
-    _quiet_libraries()
     from llama_lora.merge import merge as run_merge
 
     report = run_merge(adapter, out=out_dir, dtype=dtype, base=base, device=device, log=err.print)
@@ -291,7 +319,6 @@ def compare(
     device: DeviceOpt = "auto",
 ) -> None:
     """Base model vs adapter on held-out prompts: loss, perplexity, ROUGE-L, probe; writes report.html."""
-    _quiet_libraries()
     from rich.table import Table
 
     from llama_lora.compare import compare as run_compare
@@ -374,7 +401,6 @@ def export_gguf(
     kind: Annotated[str, typer.Option("--type", help="f16 or q8_0.")] = "f16",
 ) -> None:
     """Write a GGUF file for llama.cpp plus an Ollama Modelfile; verify it by loading it back."""
-    _quiet_libraries()
     from llama_lora.export import export_gguf as run_export
 
     report = run_export(source, out=out_file, kind=kind, log=err.print)
@@ -398,6 +424,34 @@ def config_presets() -> None:
         out.print(name)
 
 
+@data_app.command("inspect")
+def data_inspect(
+    args: Args = None,
+    preset: Preset = None,
+    n: Annotated[int, typer.Option("--n", min=0, help="Training examples to show.")] = 3,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="JSON Lines: one object per example (index, tokens, trained_tokens, truncated, segments: "
+            '[{"text", "trained"}]), then one {"summary": counts, "warnings": [{"kind", "message"}]}.',
+        ),
+    ] = False,
+) -> None:
+    """Show N training examples exactly as `train` would build them (same config, template, masking,
+    truncation): trained text green on a terminal, between « and » otherwise; then row/token counts and
+    warnings. Writes nothing."""
+    cfg = resolve_config(args, preset)
+    from llama_lora import inspect_data
+
+    report = inspect_data.inspect(cfg, n)
+    if as_json:
+        sys.stdout.write("".join(line + "\n" for line in inspect_data.json_lines(report)))
+        return
+    for item in inspect_data.render(report, color=out.is_terminal and not out.no_color):
+        out.print(item)
+
+
 def version_callback(value: bool) -> None:
     if value:
         out.print(f"llama-lora {__version__}")
@@ -412,8 +466,17 @@ def root(
             "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show the progress bars and warnings of the libraries underneath."
+        ),
+    ] = False,
 ) -> None:
     """llama-lora: fine-tune, evaluate and ship LoRA/DoRA adapters for Llama-family models."""
+    global _verbose
+    _verbose = verbose
+    _quiet_libraries()
 
 
 def optional_resume_value(argv: list[str]) -> list[str]:
@@ -429,9 +492,16 @@ def optional_resume_value(argv: list[str]) -> list[str]:
     return out
 
 
+def verbose_first(argv: list[str]) -> list[str]:
+    """`--verbose` may stand anywhere (`llama-lora train my.yaml --verbose`); it is the root's option."""
+    if "--verbose" not in argv:
+        return argv
+    return ["--verbose", *(a for a in argv if a != "--verbose")]
+
+
 def main() -> None:
     try:
-        app(args=optional_resume_value(sys.argv[1:]), standalone_mode=False)
+        app(args=verbose_first(optional_resume_value(sys.argv[1:])), standalone_mode=False)
     except LlamaLoraError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
