@@ -231,6 +231,8 @@ TRAIN_FILES = {
         {"version": 1, "rows": [{"instruction": f"q{i}", "output": "I am {{name}}."} for i in range(3)]}
     ).encode(),
     "docs.txt": b"first document\r\n\r\nsecond document\r\nthird document\r\n",
+    # ShareGPT tool calls as LLaMA-Factory publishes them: a .json list, `tools` a JSON string
+    "sharegpt_tools.json": json.dumps([SHAREGPT_TOOLS] * 3).encode(),
 }
 
 
@@ -247,3 +249,33 @@ def test_new_formats_train_the_tiny_model(tiny_model_dir, tmp_path, name):
     assert code == 0, err
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "3/3 rows kept" in err and "warning" not in err
+
+
+def test_native_tool_template_trains_the_tiny_model(tiny_model_dir, tmp_path):
+    """Through a chat template with its own tool support: the calls it writes are what is trained."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "native-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    native = AutoTokenizer.from_pretrained(model_dir)
+    native.chat_template = NATIVE_TEMPLATE
+    native.save_pretrained(model_dir)
+    rows = tmp_path / "tools.jsonl"
+    rows.write_text("".join(json.dumps(OPENAI_TOOLS) + "\n" for _ in range(3)))
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        model_dir, rows, out, **{"train.max_steps": 1, "data.eval_fraction": 0, "data.max_length": 512}
+    )
+    code, shown, err = cli_in_process("data", "inspect", *overrides, "--json", "--n", "1")
+    assert code == 0, err
+    example = json.loads(shown.splitlines()[0])
+    trained = [seg["text"] for seg in example["segments"] if seg["trained"]]
+    assert trained == [
+        '<call>{"name": "get_weather", "arguments": {"city": "Paris"}}</call><|im_end|>',
+        "It is 21 degrees in Paris.<|im_end|>",
+    ]
+    code, _, err = cli_in_process("train", *overrides)
+    assert code == 0, err
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

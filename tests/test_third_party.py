@@ -27,12 +27,18 @@ EXPECTED = {
 }
 
 
+# What the folder holds now: a file added later is walked too, and must train or stop in one line.
+FILES = sorted(
+    {*EXPECTED, *(p.name for p in THIRD_PARTY.iterdir() if p.is_file())} if THIRD_PARTY.is_dir() else EXPECTED
+)
+
+
 def test_third_party_folder_holds_the_expected_files():
     assert THIRD_PARTY.is_dir(), f"{THIRD_PARTY} is missing: the data tests need ../shared/data/third_party"
-    assert sorted(p.name for p in THIRD_PARTY.iterdir()) == sorted(EXPECTED)
+    assert set(EXPECTED) <= {p.name for p in THIRD_PARTY.iterdir()}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", FILES)
 def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, name):
     path = THIRD_PARTY / name
     assert path.is_file(), f"{path} is missing"
@@ -51,7 +57,10 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
     )
     code, _, err = cli_in_process("train", *overrides)
     assert "Traceback" not in err
-    if EXPECTED[name] is None:
+    if name not in EXPECTED:  # a file this test does not know yet: either outcome, but a clean one
+        assert code in (0, 2), err
+        assert code == 0 or len(err.strip().splitlines()) == 1, err
+    elif EXPECTED[name] is None:
         assert code == 0, err
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         if name == "identity.json":  # its {{name}} / {{author}} placeholders are meant to be filled first
