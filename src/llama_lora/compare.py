@@ -34,9 +34,8 @@ def held_out_rows(src: generate.AdapterSource, data_file: str | None) -> tuple[l
         return data.load_rows(data_file, "train"), data_file, data.load_probe(data_file)
     if src.cfg is None:
         raise CompareError("compare: this adapter has no run config to find its eval split; pass --data FILE")
-    from llama_lora.train import split_rows
 
-    _, held = split_rows(src.cfg)
+    _, held = data.split_rows(src.cfg.data, src.cfg.train.seed)
     if not held:
         raise CompareError(
             "compare: the run held out no eval rows (data.eval_fraction 0, no eval_split); pass --data FILE"

@@ -13,6 +13,7 @@ from here; batching (token budgets, length grouping) lives in `batching.py`.
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -192,6 +193,24 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
 def _reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def split_rows(dcfg, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training rows and held-out rows, from `eval_split` or a seeded `eval_fraction` of the source."""
+    rows = load_rows(dcfg.source, dcfg.split)
+    if dcfg.eval_split:
+        held = load_rows(dcfg.source, dcfg.eval_split)
+    elif dcfg.eval_fraction > 0 and len(rows) > 1:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(rows) * dcfg.eval_fraction))
+        held = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+    else:
+        held = []
+    if dcfg.max_rows is not None:
+        rows = rows[: dcfg.max_rows]
+    return rows, held
 
 
 def load_probe(source: str) -> dict[str, Any] | None:

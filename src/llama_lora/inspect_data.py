@@ -1,6 +1,6 @@
 """`llama-lora data inspect`: the examples `train` would train on, before any training.
 
-The data is loaded by `train.split_rows` and `train.load_dataset` themselves (same config, template,
+The data is loaded by `data.split_rows` and `train.load_dataset` themselves (same config, template,
 masking, truncation), with the tokenizer loaded as `train` loads it; this module only looks at the result:
 
     example --segments--> [(text, trained)]    counts(...)    find_warnings(...)
@@ -173,7 +173,7 @@ def inspect(cfg: Config, n: int) -> Report:
     from llama_lora import models, train
 
     tokenizer = models.load_tokenizer(cfg.model, models.resolve(cfg.model.name), convert=False)
-    train_rows, eval_rows = train.split_rows(cfg)
+    train_rows, eval_rows = data.split_rows(cfg.data, cfg.train.seed)
     ds = train.load_dataset(cfg, tokenizer, rows=(train_rows, eval_rows))
     tstats, estats = ds.train_stats, ds.eval_stats
     cut = set(tstats.truncated_examples)

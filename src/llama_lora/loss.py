@@ -129,3 +129,17 @@ def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+@torch.no_grad()
+def eval_sums(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> tuple[float, int]:
+    """Summed response-token loss and the number of those tokens over `batches`."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+        total += float(s)
+        count += int(n)
+    loss_fn.train(was_training)
+    return total, count

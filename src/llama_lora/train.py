@@ -11,7 +11,6 @@ micro-batches (see parallel.py); only the main process writes the run directory 
 from __future__ import annotations
 
 import math
-import random
 import resource
 import shutil
 import signal
@@ -42,7 +41,7 @@ from llama_lora import (
 from llama_lora.batching import collate, pad_id_for, plan_batches
 from llama_lora.config import Config, TrainConfig
 from llama_lora.errors import DataError, LlamaLoraError
-from llama_lora.loss import ResponseLoss
+from llama_lora.loss import ResponseLoss, eval_sums
 from llama_lora.progress import Reporter
 
 
@@ -63,29 +62,10 @@ class Dataset:
     eval_stats: data.PrepareStats | None = None
 
 
-def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Training rows and held-out rows, from `eval_split` or a seeded `eval_fraction` of the source."""
-    dcfg = cfg.data
-    rows = data.load_rows(dcfg.source, dcfg.split)
-    if dcfg.eval_split:
-        held = data.load_rows(dcfg.source, dcfg.eval_split)
-    elif dcfg.eval_fraction > 0 and len(rows) > 1:
-        order = list(range(len(rows)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * dcfg.eval_fraction))
-        held = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in sorted(order[n_eval:])]
-    else:
-        held = []
-    if dcfg.max_rows is not None:
-        rows = rows[: dcfg.max_rows]
-    return rows, held
-
-
 def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | None = None) -> Dataset:
     """Tokenized training and held-out examples; `rows` = what split_rows(cfg) returns, when already loaded."""
     template = data.choose_template(tokenizer, cfg.data.template)
-    train_rows, eval_rows = rows if rows is not None else split_rows(cfg)
+    train_rows, eval_rows = rows if rows is not None else data.split_rows(cfg.data, cfg.train.seed)
     if not train_rows:
         raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
     train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
@@ -191,20 +171,6 @@ def peak_memory_mb(device: str) -> dict[str, float]:
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     out["peak_memory_mb"] = out.get("peak_cuda_mb", out["peak_rss_mb"])
     return out
-
-
-@torch.no_grad()
-def eval_sums(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> tuple[float, int]:
-    """Summed response-token loss and the number of those tokens over `batches`."""
-    was_training = loss_fn.training
-    loss_fn.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        s, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-        total += float(s)
-        count += int(n)
-    loss_fn.train(was_training)
-    return total, count
 
 
 def build_accelerator(device: str, precision: str):
