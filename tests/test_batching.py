@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from llama_lora.batching import collate, plan_batches
+import torch
+
+from llama_lora.batching import collate, eval_batches, pad_id_for, plan_batches
 from llama_lora.data import IGNORE, Example
 
 
@@ -46,3 +48,32 @@ def test_collate_pads_right_and_masks_labels():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
+
+
+def test_collate_pads_left_for_generation():
+    batch = collate([Example([1, 2, 3], [IGNORE, 2, 3]), Example([4], [4])], pad_id=9, side="left")
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, IGNORE, 4]]
+
+
+def test_eval_batches_are_the_unshuffled_plan_collated():
+    rng = random.Random(4)
+    examples = [Example(list(range(n)), list(range(n))) for n in (rng.randint(1, 40) for _ in range(30))]
+    expected = [
+        collate([examples[i] for i in b], 0)
+        for b in plan_batches([len(e) for e in examples], 4, 64, seed=0, shuffle=False)
+    ]
+    got = eval_batches(examples, 4, 64, pad_id=0)
+    assert len(got) == len(expected) > 1
+    for a, b in zip(got, expected):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_pad_id_policy():
+    from types import SimpleNamespace as Tok
+
+    assert pad_id_for(Tok(pad_token_id=5, unk_token_id=0, eos_token_id=2), fallback=7) == 5
+    assert pad_id_for(Tok(pad_token_id=None, unk_token_id=3, eos_token_id=2)) == 3  # inputs: any id
+    assert pad_id_for(Tok(pad_token_id=None, unk_token_id=3, eos_token_id=2), fallback=7) == 7  # generation
+    assert pad_id_for(Tok(pad_token_id=None, unk_token_id=None, eos_token_id=None)) == 0

@@ -171,9 +171,18 @@ def test_docs_describe_every_key():
 
 
 def test_auto_token_budget_depends_on_the_device():
-    from llama_lora.train import batch_tokens
+    from llama_lora.settings import batch_tokens
 
     cfg = load_config()
     assert batch_tokens(cfg, "cpu") == 1024 and batch_tokens(cfg, "cuda") == 8192
     assert batch_tokens(load_config(overrides=["train.max_batch_tokens=300"]), "cuda") == 300
     assert batch_tokens(load_config(overrides=["train.max_batch_tokens=null"]), "cpu") is None
+
+
+def test_cli_fp16_on_cpu_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "train.device=cpu", "train.precision=fp16", f"output.dir={out}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert "train.precision" in result.stderr and "CUDA" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -202,3 +202,38 @@ def test_merge_over_tolerance_fails_and_writes_no_model(runs, tmp_path, monkeypa
         merge_mod.merge(str(runs["lora"]), out=target, log=lambda *a: None)
     assert not target.exists() and not list(tmp_path.glob(".merged.tmp-*"))
     assert json.loads((tmp_path / "merged.merge_report.json").read_text())["passed"] is False
+
+
+def test_compare_eval_loss_equals_the_runs_own(runs, tmp_path, tiny_model_dir):
+    """compare batches the held-out rows as training did, so its two losses are the run's eval_loss (adapter)
+    and eval_loss_before (base, as the adapter starts as the identity)."""
+    from llama_lora import compare
+
+    out = tmp_path / "run"
+    source = load_config(runs["dora"] / "config.yaml").data.source
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        source,
+        out,
+        **{"peft.use_dora": True, "data.eval_fraction": 0.3, "train.batch_size": 3, "train.max_steps": 3},
+    )
+    summary = train(load_config(overrides=overrides), quiet=True).summary
+    result = compare.compare(str(out), n=100, max_new_tokens=1, device="cpu", log=lambda *a: None)
+    assert result["n"] == 9  # every held-out row, in batches of 3
+    # float32 throughout; what differs is rounding: compare folds the adapter into the weights, training did not
+    assert result["adapter_metrics"]["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    assert result["base"]["eval_loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-6)
+
+
+def test_greedy_probe_equals_generate(runs):
+    """merge's probes: the prompt's logits are the model's, and the tokens what greedy `generate` returns."""
+    loaded = generate.load(adapter=str(runs["dora"]), device="cpu", merge_in_memory=False)
+    messages = [{"role": "user", "content": "Count to 4."}]
+    ids = generate.render_prompt(loaded, messages)
+    logits, tokens = generate.greedy_probe(loaded.model, [ids], 12, loaded.stop_ids)
+    expected = generate.generate(loaded, messages, generate.GenerationSettings(max_new_tokens=12))
+    assert tokens == [expected.token_ids]
+    with torch.no_grad():
+        assert torch.equal(logits[0], loaded.model(input_ids=torch.tensor([ids])).logits[0])
+    _, unstopped = generate.greedy_probe(loaded.model, [ids], 12)  # export's: every position, no stopping
+    assert len(unstopped[0]) == 12 and unstopped[0][: len(tokens[0])] == tokens[0]

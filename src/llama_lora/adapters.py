@@ -127,7 +127,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path):
+    """`base_model` wrapped with the saved adapter in `adapter_dir`, frozen (for inference, merge, compare).
+    Raises RuntimeError when the adapter's shapes do not fit the base."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    return PeftModel.from_pretrained(base_model, str(adapter_dir))

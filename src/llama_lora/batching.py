@@ -8,6 +8,7 @@ so memory is bounded by the budget whatever the row lengths are.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 
@@ -54,23 +55,47 @@ def plan_batches(
     return batches
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. Labels are -100 on padding whatever the pad id is."""
+def collate(
+    examples: list[Example], pad_id: int, side: Literal["right", "left"] = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest row: on the right for training and evaluation, on the left for generation (every
+    prompt then ends in the last column, where the new tokens go). Labels are -100 on padding whatever the pad
+    id is."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[row, cols] = torch.tensor(ex.input_ids)
+        labels[row, cols] = torch.tensor(ex.labels)
+        mask[row, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pad_id_for(tokenizer) -> int:
-    """Any id works for padding (it is masked out of attention and labels); prefer the tokenizer's own."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0):
+def eval_batches(
+    examples: list[Example], batch_size: int, max_batch_tokens: int | None, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Held-out `examples` as right-padded batches in a fixed order (the unshuffled plan, seed 0).
+
+    Training's evaluations and `compare` both batch through here with the run's `train.batch_size` and token
+    budget, so the same examples give them the same batches and the same loss."""
+    plan = plan_batches([len(e) for e in examples], batch_size, max_batch_tokens, seed=0, shuffle=False)
+    return [collate([examples[i] for i in b], pad_id) for b in plan]
+
+
+def pad_id_for(tokenizer, fallback: int | None = None) -> int:
+    """The id to pad with: the tokenizer's pad token, else `fallback`, else its unk or EOS token, else 0.
+
+    Inputs (training, evaluation) need no `fallback`: any id works there, as padding is masked out of
+    attention and labels. Generation passes its first stop token: transformers also writes the pad id into
+    the output of rows that finished early, so there it should be a token that ends a reply (transformers'
+    own default is EOS too).
+    """
+    for candidate in (tokenizer.pad_token_id, fallback, tokenizer.unk_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
     return 0

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llama_lora import data, generate, report, run_dir
-from llama_lora.batching import collate, pad_id_for, plan_batches
+from llama_lora.batching import eval_batches, pad_id_for
+from llama_lora.config import Config, DataConfig
 from llama_lora.errors import LlamaLoraError
-from llama_lora.loss import ResponseLoss
+from llama_lora.loss import ResponseLoss, eval_sums
+from llama_lora.settings import batch_tokens
 
 
 class CompareError(LlamaLoraError):
@@ -47,15 +47,15 @@ def held_out_rows(src: generate.AdapterSource, data_file: str | None) -> tuple[l
     )
 
 
-@torch.no_grad()
-def eval_loss(loaded: generate.Loaded, examples: list[data.Example]) -> float:
-    loss_fn = ResponseLoss(loaded.model).eval()
-    pad = pad_id_for(loaded.tokenizer)
-    total, count = 0.0, 0
-    for batch_ids in plan_batches([len(e) for e in examples], 8, 4096, seed=0, shuffle=False):
-        batch = {k: v.to(loaded.device) for k, v in collate([examples[i] for i in batch_ids], pad).items()}
-        s, n = loss_fn(**batch)
-        total, count = total + float(s), count + int(n)
+def eval_loss(loaded: generate.Loaded, examples: list[data.Example], cfg: Config | None = None) -> float:
+    """Mean response-token loss over `examples`, batched as training batches its evaluation: the run's
+    `train.batch_size` and token budget (the defaults without a run config; an `auto` budget for the device
+    compare runs on). The adapter side then equals the run's `eval_loss`, the base side its `eval_loss_before`."""
+    cfg = cfg or Config()
+    budget = batch_tokens(cfg, loaded.device)
+    batches = eval_batches(examples, cfg.train.batch_size, budget, pad_id_for(loaded.tokenizer))
+    # created in eval mode, so that eval_sums leaves the model in eval mode for generation (no dropout)
+    total, count = eval_sums(ResponseLoss(loaded.model).eval(), batches, loaded.device)
     return total / max(count, 1)
 
 
@@ -67,8 +67,8 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return statistics.fmean(scores) if scores else 0.0
 
 
-def side_metrics(loaded, examples, prompts, references, probe, settings) -> dict[str, Any]:
-    loss = eval_loss(loaded, examples)
+def side_metrics(loaded, examples, prompts, references, probe, settings, cfg=None) -> dict[str, Any]:
+    loss = eval_loss(loaded, examples, cfg)
     generations = generate.generate_many(loaded, prompts, settings)
     texts = [g.text for g in generations]
     out = {
@@ -109,17 +109,15 @@ def compare(
             raise CompareError(f"compare: {label} has rows without a reference response")
         prompts.append(messages)
         references.append(reference)
-    from llama_lora.config import DataConfig
-
     examples, _ = data.prepare(rows, loaded.tokenizer, dcfg or DataConfig(), loaded.template, where=label)
     settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
 
     log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
-    adapter_side = side_metrics(loaded, examples, prompts, references, probe, settings)
+    adapter_side = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
     log("... and the base model (adapter switched off)")
     loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
     with loaded.model.disable_adapter():
-        base_side = side_metrics(loaded, examples, prompts, references, probe, settings)
+        base_side = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
 
     target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
     result = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llama_lora.errors import ConfigError
 
@@ -78,9 +78,6 @@ class DataConfig(Section):
         return value
 
 
-InitName = Literal["gaussian", "pissa", "olora", "eva", "corda", "loftq", "orthogonal"]
-
-
 class PeftConfig(Section):
     r: int = Field(16, gt=0)
     lora_alpha: int | float = Field(32, gt=0)
@@ -119,7 +116,7 @@ class TrainConfig(Section):
     """Rows per micro-batch at most; `max_batch_tokens` may make a batch smaller."""
     max_batch_tokens: int | Literal["auto"] | None = "auto"
     """Token budget of one micro-batch (rows x padded length). Bounds memory; see docs/memory.md.
-    `auto` = 1024 on CPU/MPS (measured fastest here, and ~3 MB of activations per token), 8192 on CUDA."""
+    `auto` = 1024 on CPU/MPS (the fastest budget measured on a CPU: bench/RESULTS.md), 8192 on CUDA."""
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -128,15 +125,19 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = "auto"
     """AdamW either way. `auto`: torch's fused (one-kernel) AdamW where torch has it for the device, else the
-    per-parameter one (`adamw_torch`); on a CPU the fused step is ~3x faster (bench/RESULTS.md)."""
+    per-parameter one (`adamw_torch`); on a CPU the fused step is faster (measured: bench/RESULTS.md)."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in backward instead of keeping them. `auto`: only when one micro-batch's
     activations would take more than half the free memory (see docs/memory.md)."""
     fused: bool | Literal["auto"] = "auto"
     """Fused LoRA/DoRA projections, RMSNorm and SwiGLU for training (docs/fused.md): same arithmetic, less kept
     for backward, faster. `auto` = on for CPU (measured), off on CUDA/MPS (not measured there yet)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Train on padding-free micro-batches: the rows packed into one sequence, attention kept within each row
+    (docs/fused.md). Same loss and gradients as padded batches. `auto` = on exactly when `fused` is on."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """fp16 needs CUDA; checked by models.resolve_precision, where the device (`auto` too) is known."""
     seed: int = 42
     logging_steps: int = Field(5, gt=0)
     eval_steps: int | None = Field(None, gt=0)
@@ -175,12 +176,6 @@ class Config(Section):
     peft: PeftConfig = Field(default_factory=PeftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-
-    @model_validator(mode="after")
-    def _precision_fits_device(self) -> Config:
-        if self.train.precision == "fp16" and self.train.device in ("cpu", "mps"):
-            raise ValueError("train.precision: fp16 training needs a CUDA device (use bf16 or fp32)")
-        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -21,6 +21,7 @@ import torch
 from llama_lora import run_dir
 from llama_lora.errors import LlamaLoraError
 from llama_lora.export_meta import ExportError, add_tokenizer, modelfile
+from llama_lora.generate import greedy_probe
 from llama_lora.merge import PROBES, agreement
 
 TYPES = {
@@ -28,8 +29,8 @@ TYPES = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
 # f16 must match the source closely: max |logit diff| over the probes, relative to the largest |logit|.
-# Measured: 1.1e-3 on SmolLM2-135M (30 layers), 2.5e-4 on the tiny test model; 1e-2 leaves ~10x headroom,
-# while a wrong q/k permutation or tokenizer shifts logits by whole units.
+# 1e-2 leaves about ten times the headroom over what SmolLM2-135M and the tiny test model measure
+# (bench/RESULTS.md), while a wrong q/k permutation or tokenizer shifts logits by whole units.
 F16_REL_TOLERANCE = 1e-2
 # q8_0 is lossy; its greedy agreement is reported, and only a file that is clearly broken fails.
 Q8_MIN_AGREEMENT = 0.5
@@ -184,22 +185,6 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     return list(out["input_ids"])
 
 
-@torch.no_grad()
-def probe(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Prompt logits and `new_tokens` greedy tokens per prompt (no stopping: every position is compared)."""
-    logits, tokens = [], []
-    for ids in prompts:
-        x, cache, out = torch.tensor([ids]), None, []
-        for step in range(new_tokens):
-            result = model(input_ids=x, cache=cache, use_cache=True)
-            if step == 0:
-                logits.append(result.logits[0].float())
-            cache, x = result.cache, result.logits[:, -1:].argmax(-1)
-            out.append(int(x))
-        tokens.append(out)
-    return logits, tokens
-
-
 def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, Any], log=print) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -212,7 +197,7 @@ def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, An
 
     log("probing the source model ...")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ref_logits, ref_tokens = probe(model, prompts, new_tokens)
+    ref_logits, ref_tokens = greedy_probe(model, prompts, new_tokens)  # no stopping
     del model
     log("loading the GGUF file back with transformers and probing it ...")
     extra = {}
@@ -222,7 +207,7 @@ def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, An
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, **extra
     ).eval()
-    logits, tokens = probe(model, prompts, new_tokens)
+    logits, tokens = greedy_probe(model, prompts, new_tokens)
     diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits))
     scale = max(float(a.abs().max()) for a in ref_logits)
     agree = agreement(ref_tokens, tokens)

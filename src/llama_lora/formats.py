@@ -22,7 +22,6 @@ from typing import Any
 from llama_lora.errors import DataError
 
 Message = dict[str, Any]
-FORMATS = ("alpaca", "messages", "tools", "prompt_completion", "text")
 
 _ROLES = {
     "human": "user",

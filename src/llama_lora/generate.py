@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from llama_lora import data, models
+from llama_lora import adapters, data, models
+from llama_lora.batching import collate, pad_id_for
 from llama_lora.config import Config, ModelConfig, load_config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.meta import fingerprint_matches, read_meta
@@ -106,7 +107,7 @@ def load(
 
     With `merge_in_memory` the adapter is folded into the weights in place (reversibly, PEFT's
     `merge_adapter`): generation then costs what the base model costs, instead of PEFT's DoRA recomputing
-    every weight norm for every generated token (measured: several times slower on CPU)."""
+    every weight norm for every generated token (much slower on CPU, measured: bench/RESULTS.md)."""
     if base is None and adapter is None:
         raise InferenceError("give --adapter RUN_DIR (or an adapter directory) or --base MODEL")
     src = find_adapter(adapter) if adapter else None
@@ -130,10 +131,8 @@ def load(
                 f"--adapter: {src.adapter_dir} was trained for a different base model than {mcfg.name} "
                 f"(trained on {src.base_name}; shapes or weights differ). Use that base or drop --base."
             )
-        from peft import PeftModel
-
         try:
-            model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+            model = adapters.load_adapter(model, src.adapter_dir)
         except RuntimeError as exc:  # size mismatch: an adapter made for another architecture
             raise InferenceError(
                 f"--adapter: {src.adapter_dir} does not fit {mcfg.name}: {str(exc).splitlines()[0]}"
@@ -228,7 +227,7 @@ class _PrintStreamer:
 
 
 def _pad_id(loaded: Loaded) -> int:
-    return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+    return pad_id_for(loaded.tokenizer, fallback=loaded.stop_ids[0] if loaded.stop_ids else None)
 
 
 def _finish(loaded: Loaded, new: list[int], prompt_tokens: int) -> Generation:
@@ -288,15 +287,13 @@ def generate_many(
         torch.manual_seed(settings.seed)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        batch = collate(
+            [data.Example(prompts[i], [data.IGNORE] * len(prompts[i])) for i in chunk], pad, "left"
+        )
+        width = batch["input_ids"].shape[1]
         out = loaded.model.generate(
-            input_ids=ids.to(loaded.device),
-            attention_mask=mask.to(loaded.device),
+            input_ids=batch["input_ids"].to(loaded.device),
+            attention_mask=batch["attention_mask"].to(loaded.device),
             max_new_tokens=settings.max_new_tokens,
             eos_token_id=loaded.stop_ids,
             pad_token_id=pad,
@@ -305,6 +302,35 @@ def generate_many(
         for row, i in enumerate(chunk):
             results[i] = _finish(loaded, out[row, width:].tolist(), len(prompts[i]))
     return [results[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def greedy_probe(
+    model, prompts: list[list[int]], new_tokens: int, stop_ids: list[int] | None = None
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """The logits over each prompt (float32, on the CPU) and up to `new_tokens` greedy tokens after it, from a
+    plain cached forward loop, so that two models (merged vs unmerged, GGUF vs source) can be compared.
+
+    With `stop_ids` a prompt's tokens end before the first stop token (what `generate` returns); without, all
+    `new_tokens` are produced, so every position is compared.
+    """
+    device = next(model.parameters()).device
+    stops = set(stop_ids or ())
+    logits, tokens = [], []
+    for ids in prompts:
+        result = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        logits.append(result.logits[0].float().cpu())
+        out: list[int] = []
+        for _ in range(new_tokens):
+            token = int(result.logits[0, -1].argmax())
+            if token in stops:
+                break
+            out.append(token)
+            if len(out) < new_tokens:  # the last token needs no forward pass of its own
+                step = torch.tensor([[token]], device=device)
+                result = model(input_ids=step, cache=result.cache, use_cache=True)
+        tokens.append(out)
+    return logits, tokens
 
 
 def stdout_writer(text: str) -> None:

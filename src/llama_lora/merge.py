@@ -8,7 +8,6 @@ an interrupted merge never leaves half a model behind; a merge whose check fails
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,12 @@ class MergeError(LlamaLoraError):
     exit_code = 1
 
 
-@dataclass
-class ProbeOutput:
-    logits: list[torch.Tensor]
-    tokens: list[list[int]]
-
-
-@torch.no_grad()
-def run_probes(loaded: generate.Loaded, prompts: list[str], new_tokens: int) -> ProbeOutput:
-    logits, tokens = [], []
-    settings = generate.GenerationSettings(max_new_tokens=new_tokens, greedy=True)
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        ids = torch.tensor([generate.render_prompt(loaded, messages)], device=loaded.device)
-        logits.append(loaded.model(input_ids=ids).logits[0].float().cpu())
-        tokens.append(generate.generate(loaded, messages, settings).token_ids)
-    return ProbeOutput(logits, tokens)
+def run_probes(
+    loaded: generate.Loaded, prompts: list[str], new_tokens: int
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """`generate.greedy_probe` on `prompts` rendered as user turns, stopping where generation would."""
+    ids = [generate.render_prompt(loaded, [{"role": "user", "content": p}]) for p in prompts]
+    return generate.greedy_probe(loaded.model, ids, new_tokens, loaded.stop_ids)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -82,7 +71,7 @@ def merge(
         raise MergeError(f"--dtype: {chosen} is not one of {', '.join(TOLERANCE)}")
 
     log(f"probing the unmerged model ({loaded.description}) ...")
-    before = run_probes(loaded, PROBES, probe_tokens)
+    before_logits, before_tokens = run_probes(loaded, PROBES, probe_tokens)
     merged_model = loaded.model.merge_and_unload()
     merged_model.to(getattr(torch, chosen))
     gen_cfg = merged_model.generation_config
@@ -98,9 +87,9 @@ def merge(
         del merged_model, loaded.model
         log("reloading the merged model with plain transformers and probing it ...")
         reloaded = generate.load(base=str(tmp), device=device, template=loaded.template, log=log)
-        after = run_probes(reloaded, PROBES, probe_tokens)
-        diff = max(float((a - b).abs().max()) for a, b in zip(before.logits, after.logits))
-        agree = agreement(before.tokens, after.tokens)
+        after_logits, after_tokens = run_probes(reloaded, PROBES, probe_tokens)
+        diff = max(float((a - b).abs().max()) for a, b in zip(before_logits, after_logits))
+        agree = agreement(before_tokens, after_tokens)
         report = {
             "adapter": str(src.adapter_dir),
             "base_model": src.base_name,
