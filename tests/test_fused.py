@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from llama_lora import fused, fused_blocks
+from llama_lora import attention, fused, fused_blocks, packing
 from llama_lora.config import SEED_TARGETS
 from llama_lora.fast_dora import enable_fast_dora
 
@@ -283,18 +283,16 @@ def test_fused_layers_keep_much_less_for_backward() -> None:
     assert after < 0.6 * before, (before, after)
 
 
-def test_grouped_kv_attention_with_padding_mask_matches_repeated_heads(monkeypatch) -> None:
+def test_grouped_kv_attention_with_padding_mask_matches_repeated_heads() -> None:
     torch.manual_seed(0)
     model = tiny_llama().to(torch.bfloat16)
     ids = torch.randint(0, 256, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding: transformers passes a mask to SDPA
-    monkeypatch.delenv(fused_blocks.GQA_SWITCH, raising=False)
     plain = model(input_ids=ids, attention_mask=mask).logits
-    fused_blocks.use_grouped_kv_attention()
-    import os
-
-    assert os.environ[fused_blocks.GQA_SWITCH] == "1"
+    assert attention.set_grouped_kv(model, True) == 2  # both layers' attention, on this model only
+    packing.enable(model)
+    assert getattr(model.model.layers[0].self_attn, attention.GROUPED_KV)
     grouped = model(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
     assert torch.allclose(grouped[valid].float(), plain[valid].float(), atol=2e-2, rtol=2e-2)

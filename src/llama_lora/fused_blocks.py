@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["RMSNormFn", "SwiGLUFn", "install", "uninstall", "use_grouped_kv_attention"]
+__all__ = ["RMSNormFn", "SwiGLUFn", "install", "uninstall"]
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -66,24 +66,6 @@ class SwiGLUFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_up = dh * F.silu(gate)
         return d_gate, d_up
-
-
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-def use_grouped_kv_attention() -> None:
-    """Let transformers pass grouped key/value heads to SDPA even with a padding mask (CPU).
-
-    Without a mask transformers already uses SDPA's ``enable_gqa``; with one (any batch whose rows differ in
-    length) it copies ``k`` and ``v`` to every query head first, and autograd keeps those copies: 2 x hidden
-    bf16 values per token and layer for SmolLM2 (~56 MB per 1,000-token micro-batch). torch's CPU flash attention
-    takes the mask and grouped heads together, so this sets transformers' own switch for that
-    (``TRANSFORMERS_SDPA_FORCE_GQA=1``) unless the environment already sets it. Training micro-batches are now
-    packed (packing.py, no padding mask), so this applies to evaluation's padded batches only.
-    """
-    import os
-
-    os.environ.setdefault(GQA_SWITCH, "1")
 
 
 def _active(module: nn.Module) -> bool:

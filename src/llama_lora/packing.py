@@ -1,8 +1,8 @@
 """Padding-free training batches: the rows of a micro-batch packed into one sequence, attention kept per row.
 
 A padded micro-batch of rows with lengths ``l_1..l_B`` costs ``B * max(l)`` token positions in every projection,
-norm and MLP, although only ``sum(l)`` carry data (13% more on the benchmark's 64 Alpaca rows, whose batches are
-already grouped by length). :func:`collate_packed` concatenates the rows into one ``(1, N)`` sequence with
+norm and MLP, although only ``sum(l)`` carry data (still more even when batches are grouped by length, as the
+benchmark's are; measured: bench/RESULTS.md). :func:`collate_packed` concatenates the rows into one ``(1, N)`` sequence with
 per-row ``position_ids`` (rotary positions restart at 0 for every row), so all of those operations run on the
 ``N`` real tokens only. Attention must not cross rows: :func:`packed_attention` (registered with transformers'
 ``AttentionInterface`` as ``"llama_lora_packed"``) scatters the packed queries, keys and values into the padded
@@ -14,7 +14,9 @@ no gradient.
 
 The loss is unchanged: the label of each row's first token is ignored (as it already was: targets are shifted
 by one inside a row, and a row starts with prompt tokens), so the last token of one row never predicts the first
-token of the next. Calls without ``llama_lora_rows`` (evaluation, generation) take transformers' SDPA path.
+token of the next. Calls without ``llama_lora_rows`` (evaluation, generation) take transformers' SDPA path
+(:func:`llama_lora.attention.sdpa_attention`: with grouped k/v heads where the fast path set that switch).
+:func:`enable` routes a model's attention here and :func:`disable` puts back the implementation it had.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from functools import partial
 
 import torch
 
-from llama_lora.attention import causal_attention
+from llama_lora.attention import causal_attention, sdpa_attention
 from llama_lora.data import IGNORE, Example
 
 NAME = "llama_lora_packed"
@@ -74,9 +76,7 @@ def packed_attention(
     """transformers attention function: per-row causal attention for packed batches, SDPA otherwise."""
     rows: PackedRows | None = kwargs.pop("llama_lora_rows", None)
     if rows is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
+        return sdpa_attention(
             module,
             query,
             key,
@@ -105,10 +105,23 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+_PREVIOUS = "_llama_lora_attn_before_packing"  # on the model: the implementation disable() restores
+
+
 def enable(model) -> str:
     """Route ``model``'s attention through :func:`packed_attention`; returns the implementation it had."""
     register()
-    config = model.config
-    previous = config._attn_implementation
+    previous = model.config._attn_implementation
+    if previous != NAME:
+        model.__dict__[_PREVIOUS] = previous
     model.set_attn_implementation(NAME)
-    return previous
+    return model.__dict__.get(_PREVIOUS, previous)
+
+
+def disable(model) -> bool:
+    """Undo :func:`enable`: ``model``'s attention implementation as it was before. False if it was not enabled."""
+    previous = model.__dict__.pop(_PREVIOUS, None)
+    if previous is None:
+        return False
+    model.set_attn_implementation(previous)
+    return True
