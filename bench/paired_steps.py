@@ -3,12 +3,12 @@
     python bench/paired_steps.py --a peft.use_dora=false --b peft.use_dora=true [--rows 64] [--epochs 2]
     python bench/paired_steps.py --b-fused /path/to/other/fused.py        # A/B of two versions of fused.py
 
-Separate runs on a shared machine drift by +-5-8% (bench/RESULTS.md), which hides the 1-3% effects most
-single changes have. Here both setups live in one process and take turns, step by step (the order flips each
-step), over the same micro-batches, so drift hits both alike: two identical setups measured 1.009 and 1.000.
+Separate runs on a shared machine drift by more than most single changes move (bench/RESULTS.md). Here both
+setups live in one process and take turns, step by step (the order flips each step), over the same
+micro-batches, so drift hits both alike (two identical setups measure close to 1: bench/RESULTS.md).
 Reports tokens/s (non-padding) of each side over the timed steps and the ratio B/A; the first two steps of
-each side are warm-up and not timed. Each side is built as `train.py` builds it (same config, fused layers,
-packed batches, optimizer); `--a`/`--b` take config overrides for that side only.
+each side are warm-up and not timed. Each side is built by `llama_lora.build`, the functions `train` builds
+with (same settings, fast path, objective, optimizer); `--a`/`--b` take config overrides for that side only.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import data_rows  # noqa: E402
 
-from llama_lora import adapters, fused, models, packing  # noqa: E402
-from llama_lora import train as T  # noqa: E402
-from llama_lora.batching import collate, pad_id_for  # noqa: E402
+from llama_lora import build as B  # noqa: E402
+from llama_lora import fused  # noqa: E402
 from llama_lora.config import load_config  # noqa: E402
-from llama_lora.loss import ResponseLoss  # noqa: E402
 
 
 def load_module(path: str, name: str):
@@ -43,31 +41,22 @@ def load_module(path: str, name: str):
 
 
 def build(overrides: list[str], fused_module) -> dict:
+    """One side, built by llama_lora.build exactly as `train` builds it (settings, fast path, objective)."""
     cfg = load_config(overrides=overrides)
-    device, precision = models.describe_device(cfg.train)
-    ref = models.resolve(cfg.model.name)
-    tokenizer = models.load_tokenizer(cfg.model, ref)
-    ds = T.load_dataset(cfg, tokenizer)
-    torch.manual_seed(cfg.train.seed)
-    model = T.load_base(cfg, precision, ref)
-    peft_model = adapters.attach(model, cfg.peft, device, autocast=precision != "fp32")
-    fused_on = T.use_fused(cfg.train.fused, device)
-    if fused_on:
-        T.install_fused(peft_model, model, device, layers=fused_module)
-    loss_fn = ResponseLoss(peft_model).to(device)
+    loaded = B.load(cfg)
+    setup = B.attach(loaded, layers=fused_module)
+    s = loaded.settings
+    loss_fn = setup.objective.module.to(s.device)
     loss_fn.train()
-    params = [p for p in loss_fn.parameters() if p.requires_grad]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
     return {
         "loss_fn": loss_fn,
-        "optimizer": T.make_optimizer(params, cfg.train),
-        "plan": T.micro_batch_plan(ds, cfg, device)[0],
-        "rows": ds.train,
-        "collate": packing.collate_packed
-        if fused_on
-        else (lambda rows: collate(rows, pad_id_for(tokenizer))),
-        "device": device,
-        "autocast": (lambda: torch.autocast(device, dtype=dtype)) if dtype else nullcontext,
+        "optimizer": setup.optimizer,
+        "plan": [micro_batch for group in setup.steps for micro_batch in group],
+        "rows": loaded.ds.train,
+        "collate": setup.objective.collate,
+        "device": s.device,
+        "autocast": (lambda: torch.autocast(s.device, dtype=dtype)) if dtype else nullcontext,
         "seconds": 0.0,
     }
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from llama_lora import cli, data, inspect_data, models, train
+from llama_lora import build, cli, data, inspect_data, models
 from llama_lora.config import load_config
 
 END = "<|im_end|>"  # SmolLM2's end-of-turn (and EOS) token
@@ -55,7 +55,7 @@ def test_segments_mark_exactly_the_responses_and_their_end_of_turn(tiny_model_di
     for path in (source, tmp_path / "chat.jsonl"):
         cfg = _cfg(tiny_model_dir, path, tmp_path / "run")
         report = inspect_data.inspect(cfg, n=10)
-        ds = train.load_dataset(cfg, tokenizer)  # what train builds, for comparison
+        ds = build.load_dataset(cfg, tokenizer)  # what train builds, for comparison
         rows = data.load_rows(str(path), "train")
         assert len(report.examples) == len(ds.train) == len(rows)
         for record, example, row in zip(report.examples, ds.train, rows, strict=True):
@@ -88,7 +88,7 @@ def test_counts_rows_kept_skipped_tokens_and_trained_tokens(tiny_model_dir, toke
     )
     report = inspect_data.inspect(cfg, n=0)
     trained = sum(len(tokenizer(r["output"] + END)["input_ids"]) for r in rows[:2])
-    ds = train.load_dataset(cfg, tokenizer)
+    ds = build.load_dataset(cfg, tokenizer)
     assert report.examples == []
     assert report.counts["train"] == {
         "rows": 3,

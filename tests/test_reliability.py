@@ -311,7 +311,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path, tiny_model_dir, alpaca_file, monkeypatch, capsys
 ):
     from llama_lora import loss as loss_module
-    from llama_lora import train as train_module
 
     class NanFromStep6(loss_module.ResponseLoss):
         calls = 0
@@ -324,7 +323,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
                     total = total * float("nan")
             return total, n
 
-    monkeypatch.setattr(train_module, "ResponseLoss", NanFromStep6)
+    monkeypatch.setattr(loss_module, "ResponseLoss", NanFromStep6)  # the objective builds one
     out = tmp_path / "run"
     args = tiny_overrides(tiny_model_dir, alpaca_file, out, **{"train.max_steps": 8, "train.save_steps": 2})
     code, stderr = cli(monkeypatch, capsys, "train", "--quiet", *args)

@@ -9,8 +9,9 @@ import torch
 
 from llama_lora import loss as loss_mod
 from llama_lora.batching import collate
+from llama_lora.build import make_optimizer
 from llama_lora.config import Config, load_config
-from llama_lora.train import make_optimizer, train
+from llama_lora.train import train
 
 from .conftest import run_cli, tiny_overrides
 

@@ -1,6 +1,6 @@
 """`llama-lora data inspect`: the examples `train` would train on, before any training.
 
-The data is loaded by `data.split_rows` and `train.load_dataset` themselves (same config, template,
+The data is loaded by `data.split_rows` and `build.load_dataset` themselves (same config, template,
 masking, truncation), with the tokenizer loaded as `train` loads it; this module only looks at the result:
 
     example --segments--> [(text, trained)]    counts(...)    find_warnings(...)
@@ -170,11 +170,11 @@ class Report:
 
 def inspect(cfg: Config, n: int) -> Report:
     """Load tokenizer and data exactly as `train(cfg)` does and report on them; writes nothing."""
-    from llama_lora import models, train
+    from llama_lora import build, models
 
     tokenizer = models.load_tokenizer(cfg.model, models.resolve(cfg.model.name), convert=False)
     train_rows, eval_rows = data.split_rows(cfg.data, cfg.train.seed)
-    ds = train.load_dataset(cfg, tokenizer, rows=(train_rows, eval_rows))
+    ds = build.load_dataset(cfg, tokenizer, rows=(train_rows, eval_rows))
     tstats, estats = ds.train_stats, ds.eval_stats
     cut = set(tstats.truncated_examples)
     shown = [example_record(i, e, tokenizer, i in cut) for i, e in enumerate(ds.train[:n])]

@@ -25,8 +25,8 @@ from llama_lora.data import IGNORE
 CHUNK = 512  # most labelled positions per lm_head call
 # ... and at most this many bytes of float32 logits per chunk (128 positions for SmolLM2's 49k vocabulary, 49 for
 # Llama-3.2's 128k). glibc's malloc serves allocations above 32 MB with fresh mmap()s, which are returned on free
-# and page-faulted in again on every use: 100 MB chunks cost ~100k page faults per optimizer step here. Chunks below
-# that stay in the reused heap.
+# and page-faulted in again on every use, so larger chunks page-fault on every step (measured: bench/RESULTS.md).
+# Chunks below that stay in the reused heap.
 CHUNK_BYTES = 24 * 2**20
 
 
@@ -129,6 +129,20 @@ def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+class ResponseObjective:
+    """Supervised fine-tuning, as the trainer takes an objective: `module` (forward(**batch) -> (loss sum,
+    units)), `collate` (examples -> batch) and `units` (what a step's summed loss is divided by: here an
+    example's response tokens). A preference objective plugs in with the same three."""
+
+    def __init__(self, model: nn.Module, collate):
+        self.module = ResponseLoss(model)
+        self.collate = collate
+
+    @staticmethod
+    def units(example) -> int:
+        return sum(1 for y in example.labels[1:] if y != IGNORE)
 
 
 @torch.no_grad()

@@ -1,0 +1,218 @@
+"""Build: everything a training run needs before its first step, in two stages with nothing written.
+
+    load(cfg)        tokenizer -> rows -> examples -> frozen base -> Settings (settings.py), base fingerprint
+    attach(...)      adapter -> CPU fast path -> objective -> optimizer -> step plan -> scheduler
+
+`train.py` runs them around the one point where the run directory is created (between the two, since
+PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
+an A/B exactly as training does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import adapters, data, fused, meta, models, settings
+from llama_lora.batching import pad_id_for, plan_batches
+from llama_lora.config import Config, TrainConfig
+from llama_lora.errors import DataError
+from llama_lora.fastpath import FastPath
+from llama_lora.loss import ResponseObjective
+from llama_lora.settings import Settings
+
+
+@dataclass
+class Dataset:
+    train: list[data.Example]
+    eval: list[data.Example]
+    template: str
+    train_rows: int
+    eval_rows: int
+    notes: list[str]
+    skipped_rows: int = 0  # rows without required fields, skipped with data.skip_bad_rows
+    train_stats: data.PrepareStats | None = None  # what was cut or dropped (shown by `data inspect`)
+    eval_stats: data.PrepareStats | None = None
+
+
+def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | None = None) -> Dataset:
+    """Tokenized training and held-out examples; `rows` = what split_rows(cfg) returns, when already loaded."""
+    template = data.choose_template(tokenizer, cfg.data.template)
+    train_rows, eval_rows = rows if rows is not None else data.split_rows(cfg.data, cfg.train.seed)
+    if not train_rows:
+        raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
+    train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
+    eval_ex, estats = data.prepare(
+        eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)"
+    )
+    if not train_ex:
+        raise DataError(
+            f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
+            "every label would be masked, so nothing could be learned. Raise data.max_length?"
+        )
+    notes = [f"train data: {tstats.summary()}"]
+    if eval_rows:
+        notes.append(f"eval data: {estats.summary()}")
+    notes += data.placeholder_warnings(train_rows + eval_rows, cfg.data.fill, cfg.data.source)
+    skipped = len(tstats.bad_rows) + len(estats.bad_rows)
+    return Dataset(
+        train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped, tstats, estats
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``; ``t.optim`` auto takes torch's fused implementation where the device has one."""
+    kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
+    if t.optim == "adamw_torch_fused" or (t.optim == "auto" and all(map(_fused_adamw_supported, params))):
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+try:  # torch checks this only at the first step; the check itself is private, so fall back to CPU/CUDA
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+except ImportError:
+    _device_dtype_check_for_fused = None
+
+
+def _fused_adamw_supported(p: torch.Tensor) -> bool:
+    if _device_dtype_check_for_fused is None:
+        return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        _device_dtype_check_for_fused(p)
+    except RuntimeError:
+        return False
+    return True
+
+
+def micro_batch_plan(
+    ds: Dataset, cfg: Config, budget: int | None, processes: int = 1
+) -> tuple[list[list[list[int]]], int]:
+    """The run's optimizer steps in order, each a group of `processes` x grad_accum micro-batches (lists of
+    example indices; see parallel.py), and how many micro-batches one epoch has."""
+    tcfg = cfg.train
+    lengths = [len(e) for e in ds.train]
+
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_batches(lengths, tcfg.batch_size, budget, seed=tcfg.seed + epoch)
+
+    per_epoch = len(epoch_plan(0))
+    plan: list[list[int]] = []
+    if tcfg.max_steps:
+        wanted = tcfg.max_steps * tcfg.grad_accum * processes
+        epoch = 0
+        while len(plan) < wanted:
+            plan.extend(epoch_plan(epoch))
+            epoch += 1
+        plan = plan[:wanted]
+    else:
+        for epoch in range(math.ceil(tcfg.epochs)):
+            batches = epoch_plan(epoch)
+            fraction = min(1.0, tcfg.epochs - epoch)
+            plan.extend(batches[: max(1, round(len(batches) * fraction))])
+    per_step = tcfg.grad_accum * processes
+    return [plan[i : i + per_step] for i in range(0, len(plan), per_step)], per_epoch
+
+
+def build_accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # each run in a process gets its own device/precision settings; safe under torchrun too, since
+    # accelerate only creates the process group when none exists
+    AcceleratorState._reset_state(True)
+    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def load_base(cfg: Config, precision: str, ref: models.ModelRef):
+    """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
+    if cfg.model.load_in_4bit:
+        compute = torch.float16 if precision == "fp16" else torch.bfloat16
+        return models.load_model_4bit(cfg.model, compute, ref)
+    return models.load_model(cfg.model, models.storage_dtype(cfg.model, precision), ref)
+
+
+@dataclass
+class Loaded:
+    """What `load` makes: the data and the frozen base, and the settings resolved for them."""
+
+    cfg: Config
+    tokenizer: Any
+    ds: Dataset
+    model: Any  # the frozen base (transformers)
+    settings: Settings
+    fingerprint: dict[str, Any]
+
+
+def load(cfg: Config, rows: tuple[list[dict], list[dict]] | None = None, seed: bool = True) -> Loaded:
+    """Tokenizer, examples and the frozen base, and the `Settings` resolved for them. Writes nothing.
+    `seed`: seed torch first (every process alike, so every one draws the same initial adapter)."""
+    from transformers import set_seed
+
+    _, precision = models.describe_device(cfg.train)
+    ref = models.resolve(cfg.model.name)
+    tokenizer = models.load_tokenizer(cfg.model, ref)
+    ds = load_dataset(cfg, tokenizer, rows)
+    if seed:
+        set_seed(cfg.train.seed)
+    model = load_base(cfg, precision, ref)
+    adapters.check_targets(model, cfg.peft.target_modules)
+    return Loaded(
+        cfg, tokenizer, ds, model, settings.resolve(cfg, model.config), meta.base_fingerprint(model)
+    )
+
+
+@dataclass
+class Setup:
+    """What `attach` makes: the trainable model and everything that steps it."""
+
+    loaded: Loaded
+    peft_model: Any
+    fast: FastPath
+    objective: ResponseObjective
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: list[list[list[int]]]  # optimizer steps, each a group of micro-batches (example indices)
+    per_epoch: int  # micro-batches in one epoch
+    initial_dir: Path | None  # PiSSA/OLoRA: the initial adapter, needed again when saving
+
+
+def attach(loaded: Loaded, processes: int = 1, initial_dir: Path | None = None, layers=fused) -> Setup:
+    """Adapter, fast path, objective, optimizer, step plan and schedule on `loaded`'s base. `layers`: the
+    fused-projection module (bench/paired_steps.py swaps in another version of fused.py)."""
+    from transformers import get_scheduler
+
+    cfg, s = loaded.cfg, loaded.settings
+    if s.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = adapters.attach(
+        loaded.model, cfg.peft, s.device, initial_dir=initial_dir, autocast=s.autocast
+    )
+    s.fast_path.install(peft_model, loaded.model, layers=layers)
+    pad = pad_id_for(loaded.tokenizer)
+    objective = ResponseObjective(peft_model, collate=lambda rows: s.fast_path.collate(rows, pad))
+    params = [p for p in objective.module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.train)
+    steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
+        num_training_steps=len(steps),
+    )
+    return Setup(
+        loaded,
+        peft_model,
+        s.fast_path,
+        objective,
+        params,
+        optimizer,
+        scheduler,
+        steps,
+        per_epoch,
+        initial_dir,
+    )
