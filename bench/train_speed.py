@@ -17,7 +17,7 @@ and reports non-padding tokens/s (prompt included), peak RSS (and peak CUDA memo
 (a)/(c) and (a)/(b). The device is CUDA when torch sees one, else the CPU.
 Data: --data, else ../shared/data/alpaca_en_demo.json when present (read in place, never copied), else the
 bundled demo. With --repeat N, (a) and (b) run N times, alternating, and each reports its median run (identical
-runs on a shared 2-core machine differ by 5-8% typically and up to 15%; use 5 repeats for figures near a target).
+runs on a shared machine differ by several percent, bench/RESULTS.md; use 5 repeats for figures near a target).
 """
 
 from __future__ import annotations

@@ -68,9 +68,8 @@ def drop_positions(n: int, p: float, device: torch.device | str) -> torch.Tensor
     Drawn as the gaps of a Bernoulli process: the distance from one dropped element to the next is geometric,
     ``1 + floor(log(U) / log(1 - p))`` for a float32 ``U`` uniform in ``[2**-24, 1)`` from torch's default
     generator (five operators per draw, the floor taken by the conversion to integers). That is
-    about ``n * p`` uniforms instead of one random word per element (dropout 0.05 on a 1024 x 576 input: ~0.2 ms
-    instead of ~0.9 ms for a dense mask here), and the indices are ~20x smaller to keep for backward than a
-    1-byte mask. Exact up to float32 rounding: gaps beyond ``log(2**-24) / log(1 - p)`` (probability 6e-8)
+    about ``n * p`` uniforms instead of one random word per element (faster than drawing a dense mask, measured:
+    bench/RESULTS.md), and the indices are ~20x smaller to keep for backward than a 1-byte mask. Exact up to float32 rounding: gaps beyond ``log(2**-24) / log(1 - p)`` (probability 6e-8)
     are cut to that length.
     """
     if p <= 0.0:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bytes of activations kept for backward, per token, per decoder layer, per unit of (hidden + intermediate)
-# width. Measured with saved-tensor hooks on SmolLM2-135M (hidden 576, intermediate 1536, DoRA r16 on all seven
-# projections, dropout 0.05): 56-66 KB per layer-token with a bf16 base, 75 KB with a float32 base under
-# autocast. 36 bytes x 2112 = 76 KB, a slight overestimate on purpose.
+# width. Set from saved-tensor-hook measurements on SmolLM2-135M (hidden 576, intermediate 1536, DoRA r16 on all
+# seven projections, dropout 0.05; figures: bench/RESULTS.md): 36 bytes x 2112 = 76 KB per layer-token, a slight
+# overestimate on purpose.
 BYTES_PER_WIDTH = 36
-# The same with the fused training layers (`train.fused`, fused.py / fused_blocks.py): ~32 KB per layer-token
-# (bf16 base); 18 x 2112 = 38 KB.
+# The same with the fused training layers (`train.fused`, fused.py / fused_blocks.py), bf16 base: 18 x 2112 = 38 KB.
 BYTES_PER_WIDTH_FUSED = 18
 # Fraction of the free memory the activations may take; the rest is for transients (logit chunks, the
 # backward's temporaries, allocator slack).

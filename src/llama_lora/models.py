@@ -259,8 +259,8 @@ def storage_dtype(mcfg: ModelConfig, precision: str) -> torch.dtype:
     A frozen base gains nothing from float32 storage under autocast: every matmul casts its weight to the
     compute dtype anyway, on every forward and backward. Storing it in that dtype skips those casts and halves
     the weights' memory; the residual stream then runs in bf16 too (norms and softmax still upcast inside).
-    Adapters and their optimizer state stay float32. Measured on CPU (SmolLM2-135M, DoRA): same speed,
-    about 1.2 GB less peak RSS (bench/RESULTS.md).
+    Adapters and their optimizer state stay float32. Measured on CPU (SmolLM2-135M, DoRA): same speed, less
+    peak RSS (bench/RESULTS.md).
     """
     import torch
 
