@@ -154,10 +154,10 @@ def test_infer_renders_tools_through_the_training_function(tokenizer, tmp_path):
     assert generate.render_prompt(loaded, question) == data.tokenize([segments[0]], tokenizer).input_ids
     path = tmp_path / "tools.json"
     path.write_text(json.dumps(json.dumps([WEATHER])))  # ShareGPT's JSON-string form
-    assert data.load_tools(str(path)) == loaded.tools
+    assert formats.load_tools(str(path)) == loaded.tools
     path.write_text("[]")
     with pytest.raises(DataError, match="holds no tool schemas"):
-        data.load_tools(str(path))
+        formats.load_tools(str(path))
 
 
 def test_cli_tools_option(tiny_model_dir, tmp_path):

@@ -185,11 +185,11 @@ def infer(
     tools: ToolsOpt = None,
 ) -> None:
     """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
-    from llama_lora import data
+    from llama_lora import formats
     from llama_lora import generate as gen
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
-    tool_schemas = data.load_tools(tools) if tools else None
+    tool_schemas = formats.load_tools(tools) if tools else None
     if prompts_file:
         rows = gen.prompt_rows(prompts_file)
     elif prompt is None:
@@ -206,26 +206,14 @@ def infer(
         else:
             out.print(gen.generate(loaded, messages, settings).text, markup=False, highlight=False)
         return
-    import json
-
     sink = open(output, "w") if output else sys.stdout  # noqa: SIM115 - closed below
     try:
-        for i, row in enumerate(rows):
-            try:
-                messages, reference = gen.row_prompt(row)
-            except (ValueError, LlamaLoraError) as exc:
-                raise ConfigError(f"--prompts-file: {prompts_file}: row {i}: {exc}") from None
-            result = gen.generate(loaded, messages, settings)
-            record = {"prompt": messages[-1]["content"], "generation": result.text, "stopped": result.stopped}
-            if reference is not None:
-                record["reference"] = reference
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+        written = gen.generate_rows(loaded, rows, settings, sink, where=f"--prompts-file: {prompts_file}")
     finally:
         if output:
             sink.close()
     if output:
-        err.print(f"wrote {len(rows)} generations to {output}")
+        err.print(f"wrote {written} generations to {output}")
 
 
 @app.command()
@@ -244,11 +232,11 @@ def chat(
     tools: ToolsOpt = None,
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
-    from llama_lora import data
+    from llama_lora import formats
     from llama_lora import generate as gen
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
-    tool_schemas = data.load_tools(tools) if tools else None
+    tool_schemas = formats.load_tools(tools) if tools else None
     loaded = gen.load(base=base, adapter=adapter, device=device, log=err.print)
     loaded.tools = tool_schemas
     if system:
@@ -343,20 +331,13 @@ def compare(
     out.print("reports: " + ", ".join(result["files"]))
 
 
-def _loss(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 @app.command()
 def runs(
     root: Annotated[str, typer.Argument(help="Where to look for run directories (2 levels down).")] = "runs",
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON, for scripts.")] = False,
 ) -> None:
     """List run directories with model, data, method, eval loss before -> after, tokens/s, status."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
+    from llama_lora.report import runs_table
     from llama_lora.run_dir import list_runs
 
     rows = list_runs(Path(root))
@@ -364,30 +345,10 @@ def runs(
         import json
 
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    if not rows:
+    elif not rows:
         out.print(f"no runs under {root} (train one with `llama-lora train`)", markup=False)
-        return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("run", "date (UTC)", "model", "data", "method", "eval loss", "tok/s", "status"):
-        table.add_column(col, justify="right" if col == "tok/s" else "left", overflow="fold")
-    for r in rows:
-        evals = (
-            "-" if r["eval_loss"] is None else f"{_loss(r['eval_loss_before'])} -> {_loss(r['eval_loss'])}"
-        )
-        tps = r["tokens_per_second"]
-        cells = [
-            r["run"],
-            (r["date"] or "-")[:16].replace("T", " "),
-            str(r["model"] or "-"),
-            str(r["data"] or "-"),
-            r["method"] or "-",
-            evals,
-            "-" if tps is None else f"{tps:.0f}",
-            r["status"],
-        ]
-        table.add_row(*(Text(c) for c in cells))  # Text: paths are not rich markup
-    out.print(table)
+    else:
+        out.print(runs_table(rows))
 
 
 @export_app.command("gguf")

@@ -369,21 +369,6 @@ def prompt_text(
     return "".join(t for t, _ in render_segments(messages, tokenizer, template, tools))
 
 
-def load_tools(path: str) -> list[dict[str, Any]]:
-    """Tool schemas for `infer`/`chat --tools FILE`: a JSON list of OpenAI function schemas (or bare
-    `{name, description, parameters}` ones), or that list as a JSON string (ShareGPT's `tools` field)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"--tools: {path} not found")
-    try:
-        tools = formats.parse_tools(p.read_bytes().decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"--tools: {path}: {exc}") from None
-    if not tools:
-        raise DataError(f"--tools: {path} holds no tool schemas")
-    return tools
-
-
 # ----------------------------------------------------------------------------------------- tokenizing
 
 

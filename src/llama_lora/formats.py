@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from llama_lora.errors import DataError
@@ -137,6 +138,21 @@ def parse_tools(value: Any) -> list[dict[str, Any]]:
             tools.append({"type": "function", "function": tool})
         else:
             raise ValueError(f"'tools' holds something that is not a function schema: {tool!r:.80}")
+    return tools
+
+
+def load_tools(path: str) -> list[dict[str, Any]]:
+    """Tool schemas for `infer`/`chat --tools FILE`: a JSON list of OpenAI function schemas (or bare
+    `{name, description, parameters}` ones), or that list as a JSON string (ShareGPT's `tools` field)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"--tools: {path} not found")
+    try:
+        tools = parse_tools(p.read_bytes().decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"--tools: {path}: {exc}") from None
+    if not tools:
+        raise DataError(f"--tools: {path} holds no tool schemas")
     return tools
 
 

@@ -358,3 +358,22 @@ def row_prompt(row: dict[str, Any]) -> tuple[list[data.Message], str | None]:
     if reference is not None:
         messages = messages[:-1]
     return messages, reference
+
+
+def generate_rows(
+    loaded: Loaded, rows: list[dict[str, Any]], settings: GenerationSettings, sink, where: str
+) -> int:
+    """`infer --prompts-file`: one JSON line per row on `sink` (prompt, generation, stopped, and the
+    reference answer when the row has one), flushed as it goes. Returns the number written."""
+    for i, row in enumerate(rows):
+        try:
+            messages, reference = row_prompt(row)
+        except (ValueError, LlamaLoraError) as exc:
+            raise InferenceError(f"{where}: row {i}: {exc}") from None
+        result = generate(loaded, messages, settings)
+        record = {"prompt": messages[-1]["content"], "generation": result.text, "stopped": result.stopped}
+        if reference is not None:
+            record["reference"] = reference
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sink.flush()
+    return len(rows)

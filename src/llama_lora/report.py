@@ -138,3 +138,35 @@ td {{ white-space: pre-wrap; }}
 <table><tr><th>prompt</th><th>reference</th><th>base</th><th>adapter</th></tr>{examples}</table>
 </body></html>
 """
+
+
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def runs_table(rows: list[dict[str, Any]]):
+    """`llama-lora runs`: one line per run directory (run_dir.list_runs) as a rich table."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("run", "date (UTC)", "model", "data", "method", "eval loss", "tok/s", "status"):
+        table.add_column(col, justify="right" if col == "tok/s" else "left", overflow="fold")
+    for r in rows:
+        evals = (
+            "-" if r["eval_loss"] is None else f"{_loss(r['eval_loss_before'])} -> {_loss(r['eval_loss'])}"
+        )
+        tps = r["tokens_per_second"]
+        cells = [
+            r["run"],
+            (r["date"] or "-")[:16].replace("T", " "),
+            str(r["model"] or "-"),
+            str(r["data"] or "-"),
+            r["method"] or "-",
+            evals,
+            "-" if tps is None else f"{tps:.0f}",
+            r["status"],
+        ]
+        table.add_row(*(Text(c) for c in cells))  # Text: paths are not rich markup
+    return table
