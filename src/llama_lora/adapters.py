@@ -8,6 +8,7 @@ to the original, unmodified base model.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -127,9 +128,29 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_adapter(base_model: nn.Module, adapter_dir: str | Path):
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default"):
     """`base_model` wrapped with the saved adapter in `adapter_dir`, frozen (for inference, merge, compare).
     Raises RuntimeError when the adapter's shapes do not fit the base."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(adapter_dir))
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name)
+
+
+def add_adapter(peft_model, adapter_dir: str | Path, adapter_name: str) -> None:
+    """One more saved adapter on a model from `load_adapter`, under `adapter_name` (PEFT's named adapters:
+    one base, several adapters, `use_adapter` picks one). Raises RuntimeError when the shapes do not fit."""
+    peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+
+
+@contextlib.contextmanager
+def use_adapter(model, adapter_name: str | None):
+    """Run the block with the named adapter active, or with none (`None`: the base model alone)."""
+    if adapter_name is None:
+        if hasattr(model, "disable_adapter"):  # a PeftModel; a plain model is the base already
+            with model.disable_adapter():
+                yield
+        else:
+            yield
+        return
+    model.set_adapter(adapter_name, inference_mode=True)  # frozen: requires_grad stays off
+    yield

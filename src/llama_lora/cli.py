@@ -242,31 +242,9 @@ def chat(
     if system:
         loaded.system_prompt = system
     err.print(f"chatting with {loaded.description} ({loaded.template} template). /reset clears, /exit quits.")
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history.clear()
-            err.print("(history cleared)")
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        sys.stdout.write("assistant> ")
-        try:
-            reply = gen.generate(loaded, history, settings, stream=gen.stdout_writer)
-        except LlamaLoraError as exc:  # e.g. the conversation outgrew the context: keep the session
-            history.pop()
-            err.print(f"\nerror: {exc} (use /reset)", markup=False)
-            continue
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply.text})
+    gen.chat_session(
+        loaded, settings, read=lambda: input("you> "), note=lambda text: err.print(text, markup=False)
+    )
 
 
 @app.command()
@@ -351,6 +329,20 @@ def runs(
         out.print(runs_table(rows))
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Argument(help="Base model or a run directory.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="NAME=RUN_DIR")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Or env LLAMA_LORA_API_KEY.")] = None,
+) -> None:
+    """OpenAI-compatible server for a base model and its adapters (docs/elsewhere.md)."""
+    from llama_lora.serve import serve as run_server
+
+    run_server(model, adapter or [], host=host, port=port, api_key=api_key)
+
+
 @export_app.command("gguf")
 def export_gguf(
     source: Annotated[
@@ -362,14 +354,23 @@ def export_gguf(
     kind: Annotated[str, typer.Option("--type", help="f16 or q8_0.")] = "f16",
 ) -> None:
     """Write a GGUF file for llama.cpp plus an Ollama Modelfile; verify it by loading it back."""
-    from llama_lora.export import export_gguf as run_export
+    from llama_lora import export as ex
 
-    report = run_export(source, out=out_file, kind=kind, log=err.print)
-    out.print(
-        f"wrote {report['gguf']} ({report['type']}, {report['size_bytes'] / 1e6:.0f} MB) in "
-        f"{report['runtime_s']:.0f}s: max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
-        f"{report['greedy_token_agreement']:.0%}; Modelfile and export_report.json beside it"
-    )
+    out.print(ex.summary(ex.export_gguf(source, out=out_file, kind=kind, log=err.print)), markup=False)
+
+
+@export_app.command("gguf-adapter")
+def export_gguf_adapter(
+    run: Annotated[str, typer.Argument(help="A LoRA run directory (or its adapter directory).")],
+    out_file: Annotated[str | None, typer.Option("--out", "-o", help="The adapter .gguf file.")] = None,
+    base_gguf: Annotated[
+        str | None, typer.Option("--base-gguf", help="Use this base GGUF; write none.")
+    ] = None,
+) -> None:
+    """Write a LoRA adapter as a llama.cpp GGUF adapter (+ base GGUF, Modelfile); verify it on the base."""
+    from llama_lora import export_adapter as ea
+
+    out.print(ea.summary(ea.export_gguf_adapter(run, out_file, base_gguf, log=err.print)), markup=False)
 
 
 @config_app.command("show")

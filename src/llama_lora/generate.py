@@ -240,15 +240,39 @@ def _finish(loaded: Loaded, new: list[int], prompt_tokens: int) -> Generation:
     )
 
 
-@torch.no_grad()
-def generate(
-    loaded: Loaded, messages: list[data.Message], settings: GenerationSettings, stream=None
-) -> Generation:
-    """Generate a reply to `messages`. `stream(text)` receives text pieces as they are produced."""
-    ids = render_prompt(loaded, messages)
+def check_context(loaded: Loaded, ids: list[int]) -> None:
+    """Raises InferenceError when the prompt leaves no room in the model's context."""
     limit = context_length(loaded.model)
     if limit is not None and len(ids) >= limit:
         raise InferenceError(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}")
+
+
+def _stop_when(should_stop):
+    """A stopping criterion asking `should_stop()` after every token (a cancelled request, a stop string)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), bool(should_stop()), device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
+
+
+def generate(
+    loaded: Loaded, messages: list[data.Message], settings: GenerationSettings, stream=None, should_stop=None
+) -> Generation:
+    """Generate a reply to `messages`. `stream(text)` receives text pieces as they are produced;
+    `should_stop()`, asked after every token, ends generation early when it returns True."""
+    return generate_ids(loaded, render_prompt(loaded, messages), settings, stream, should_stop)
+
+
+@torch.no_grad()
+def generate_ids(
+    loaded: Loaded, ids: list[int], settings: GenerationSettings, stream=None, should_stop=None
+) -> Generation:
+    """`generate` on a prompt that is already token ids (`serve`'s plain completions use it too)."""
+    check_context(loaded, ids)
+    limit = context_length(loaded.model)
     max_new = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
@@ -261,6 +285,7 @@ def generate(
         eos_token_id=loaded.stop_ids,
         pad_token_id=_pad_id(loaded),
         streamer=streamer,
+        stopping_criteria=_stop_when(should_stop) if should_stop else None,
         **settings.kwargs(),
     )
     return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
@@ -377,3 +402,33 @@ def generate_rows(
         sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
     return len(rows)
+
+
+def chat_session(loaded: Loaded, settings: GenerationSettings, read, note) -> None:
+    """`llama-lora chat`: read a line (`read()`, EOFError ends), answer it streamed to stdout, keep the
+    history; `/reset` clears it, `/exit` or `/quit` ends. An error (e.g. the conversation outgrew the
+    context) is a `note` and the session goes on without that turn."""
+    history: list[data.Message] = []
+    while True:
+        try:
+            text = read().strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            note("(history cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("assistant> ")
+        try:
+            reply = generate(loaded, history, settings, stream=stdout_writer)
+        except LlamaLoraError as exc:
+            history.pop()
+            note(f"\nerror: {exc} (use /reset)")
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply.text})
