@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import torch
 
-from llama_lora import run_dir
+from llama_lora import llamacpp, run_dir
 from llama_lora.errors import LlamaLoraError
 from llama_lora.export_meta import ExportError, add_tokenizer, modelfile
 from llama_lora.generate import greedy_probe
@@ -185,8 +185,21 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     return list(out["input_ids"])
 
 
+def load_gguf_model(path: Path, rope: dict[str, Any]):
+    """A GGUF file loaded by transformers' GGUF loader (dequantized to float32, q/k rows un-permuted)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {}
+    if rope.get("rope_type") == "llama3":  # transformers' GGUF loader does not read rope_freqs
+        extra["config"] = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        extra["config"].rope_parameters = rope
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
+    ).eval()
+
+
 def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, Any], log=print) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref_tok = AutoTokenizer.from_pretrained(src)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -200,41 +213,76 @@ def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, An
     ref_logits, ref_tokens = greedy_probe(model, prompts, new_tokens)  # no stopping
     del model
     log("loading the GGUF file back with transformers and probing it ...")
-    extra = {}
-    if rope.get("rope_type") == "llama3":  # transformers' GGUF loader does not read rope_freqs
-        extra["config"] = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        extra["config"].rope_parameters = rope
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
-    ).eval()
+    model = load_gguf_model(path, rope)
     logits, tokens = greedy_probe(model, prompts, new_tokens)
+    del model
+    check = figures(ref_logits, ref_tokens, logits, tokens, mismatched, kind)
+    check["rope_scaling_from_source"] = rope.get("rope_type") == "llama3"
+    check["verifiers"] = ["transformers"]
+    if llamacpp.available():
+        log("loading the GGUF file in llama.cpp and probing it ...")
+        check["llama_cpp"] = llamacpp.check(path, prompts, ref_logits, ref_tokens, ref_tok, kind, new_tokens)
+        check["verifiers"].append("llama.cpp")
+        check["passed"] = check["passed"] and check["llama_cpp"]["passed"]
+    return check
+
+
+def figures(ref_logits, ref_tokens, logits, tokens, mismatched: list[str], kind: str) -> dict[str, Any]:
+    """The agreement figures of a GGUF file's probe against its source's, and whether they pass for `kind`."""
     diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits))
     scale = max(float(a.abs().max()) for a in ref_logits)
     agree = agreement(ref_tokens, tokens)
     passed = not mismatched and (
-        diff <= F16_REL_TOLERANCE * scale if kind == "f16" else agree >= Q8_MIN_AGREEMENT
+        diff <= F16_REL_TOLERANCE * scale if kind in ("f16", "f32") else agree >= Q8_MIN_AGREEMENT
     )
     return {
         "tokenizer_round_trip": not mismatched,
         "tokenizer_mismatches": mismatched,
-        "probes": len(PROBES),
-        "probe_new_tokens": new_tokens,
+        "probes": len(ref_tokens),
+        "probe_new_tokens": max(len(t) for t in ref_tokens),
         "max_abs_logit_diff": diff,
         "max_abs_logit": scale,
         "relative_logit_diff": diff / scale if scale else 0.0,
         "greedy_token_agreement": agree,
         "tolerance": f"relative logit diff <= {F16_REL_TOLERANCE}"
-        if kind == "f16"
+        if kind in ("f16", "f32")
         else f"greedy agreement >= {Q8_MIN_AGREEMENT}",
-        "rope_scaling_from_source": rope.get("rope_type") == "llama3",
         "passed": passed,
     }
 
 
+def failure(report: dict[str, Any]) -> str:
+    """What failed in a GGUF check, in one line."""
+    text = (
+        f"tokenizer round trip {report['tokenizer_round_trip']} {report['tokenizer_mismatches'] or ''}, "
+        f"max |logit diff| {report['max_abs_logit_diff']:.3g} (relative {report['relative_logit_diff']:.2g}), "
+        f"greedy agreement {report['greedy_token_agreement']:.0%} ({report['tolerance']})"
+    )
+    lc = report.get("llama_cpp")
+    if lc is not None and not lc["passed"]:
+        text += f"; in llama.cpp: {lc.get('error') or failure(lc)}"
+    return text
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The CLI's one line about a finished export."""
+    return (
+        f"wrote {report['gguf']} ({report['type']}, {report['size_bytes'] / 1e6:.0f} MB) in "
+        f"{report['runtime_s']:.0f}s: max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
+        f"{report['greedy_token_agreement']:.0%} ({', '.join(report['verifiers'])}); Modelfile and "
+        "export_report.json beside it"
+    )
+
+
 def export_gguf(
-    source: str | Path, out: str | Path | None = None, kind: str = "f16", new_tokens: int = 16, log=print
+    source: str | Path,
+    out: str | Path | None = None,
+    kind: str = "f16",
+    new_tokens: int = 16,
+    log=print,
+    sidecars: bool = True,
 ) -> dict[str, Any]:
-    """Write, verify and place a GGUF file plus `export_report.json` and an Ollama `Modelfile`."""
+    """Write, verify and place a GGUF file plus (with `sidecars`) `export_report.json` and a `Modelfile`."""
     from transformers import AutoTokenizer
 
     if kind not in TYPES:
@@ -264,18 +312,18 @@ def export_gguf(
         }
         text, style = modelfile(target.name, AutoTokenizer.from_pretrained(src))
         report["modelfile_template"] = style
-        run_dir.write_json(target.parent / "export_report.json", report)
+        if sidecars:
+            run_dir.write_json(target.parent / "export_report.json", report)
         if not report["passed"]:
+            where = f" (report in {target.parent / 'export_report.json'})" if sidecars else ""
             raise ExportCheckError(
-                f"GGUF check failed: tokenizer round trip {report['tokenizer_round_trip']} "
-                f"{report['tokenizer_mismatches'] or ''}, max |logit diff| {report['max_abs_logit_diff']:.3g} "
-                f"(relative {report['relative_logit_diff']:.2g}), greedy agreement "
-                f"{report['greedy_token_agreement']:.0%} ({report['tolerance']}); nothing written to "
-                f"{target} (report in {target.parent / 'export_report.json'})"
+                f"GGUF check failed: {failure(report)}; nothing written to {target}{where}"
             )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    if not sidecars:
+        return report
     run_dir.write_text_atomic(target.parent / "Modelfile", text)
     if style is None:
         log("note: the chat template is neither ChatML nor Llama-3; the Modelfile has no TEMPLATE")
