@@ -147,12 +147,18 @@ class Loaded:
     fingerprint: dict[str, Any]
 
 
-def load(cfg: Config, rows: tuple[list[dict], list[dict]] | None = None, seed: bool = True) -> Loaded:
+def load(
+    cfg: Config,
+    rows: tuple[list[dict], list[dict]] | None = None,
+    seed: bool = True,
+    device_precision: tuple[str, str] | None = None,
+) -> Loaded:
     """Tokenizer, examples and the frozen base, and the `Settings` resolved for them. Writes nothing.
-    `seed`: seed torch first (every process alike, so every one draws the same initial adapter)."""
+    `seed`: seed torch first (every process alike, so every one draws the same initial adapter).
+    `device_precision`: what `models.describe_device(cfg.train)` gave the caller, if it asked already."""
     from transformers import set_seed
 
-    _, precision = models.describe_device(cfg.train)
+    device, precision = device_precision or models.describe_device(cfg.train)
     ref = models.resolve(cfg.model.name)
     tokenizer = models.load_tokenizer(cfg.model, ref)
     ds = load_dataset(cfg, tokenizer, rows)
@@ -161,7 +167,12 @@ def load(cfg: Config, rows: tuple[list[dict], list[dict]] | None = None, seed: b
     model = load_base(cfg, precision, ref)
     adapters.check_targets(model, cfg.peft.target_modules)
     return Loaded(
-        cfg, tokenizer, ds, model, settings.resolve(cfg, model.config), meta.base_fingerprint(model)
+        cfg,
+        tokenizer,
+        ds,
+        model,
+        settings.resolve(cfg, model.config, device, precision),
+        meta.base_fingerprint(model),
     )
 
 

@@ -240,11 +240,12 @@ def _finish(loaded: Loaded, new: list[int], prompt_tokens: int) -> Generation:
     )
 
 
-def check_context(loaded: Loaded, ids: list[int]) -> None:
-    """Raises InferenceError when the prompt leaves no room in the model's context."""
+def check_context(loaded: Loaded, ids: list[int]) -> int | None:
+    """The model's context length (None if unknown); raises InferenceError when the prompt leaves no room."""
     limit = context_length(loaded.model)
     if limit is not None and len(ids) >= limit:
         raise InferenceError(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}")
+    return limit
 
 
 def _stop_when(should_stop):
@@ -271,8 +272,7 @@ def generate_ids(
     loaded: Loaded, ids: list[int], settings: GenerationSettings, stream=None, should_stop=None
 ) -> Generation:
     """`generate` on a prompt that is already token ids (`serve`'s plain completions use it too)."""
-    check_context(loaded, ids)
-    limit = context_length(loaded.model)
+    limit = check_context(loaded, ids)
     max_new = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
     if settings.seed is not None:
         torch.manual_seed(settings.seed)

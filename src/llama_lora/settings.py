@@ -1,7 +1,8 @@
 """Derived training settings, resolved once: what `auto` and the machine make of the config.
 
-`resolve(cfg, model_config)` turns the config and the base model's config into one frozen `Settings`: the
-device, the precision, the storage dtype of the frozen base, the micro-batch token budget, the CPU fast path
+`resolve(cfg, model_config, device, precision)` turns the config and the base model's config into one frozen
+`Settings` (device and precision come from `models.describe_device`, asked once by the caller, which needs them
+to load the base): the device, the precision, the storage dtype of the frozen base, the micro-batch token budget, the CPU fast path
 (fused layers, packing), and whether gradient checkpointing is on and why. Training logs it once, writes it
 into `train_summary.json` and passes it on; nothing downstream reads `train.device`, `train.precision`,
 `train.fused`, `train.packing`, `train.max_batch_tokens` or `train.gradient_checkpointing` again.
@@ -59,10 +60,11 @@ def batch_tokens(cfg: Config, device: str) -> int | None:
     return AUTO_BATCH_TOKENS.get(device, 1024) if budget == "auto" else budget
 
 
-def resolve(cfg: Config, model_config) -> Settings:
-    """The settings for training `cfg` on a base whose config is `model_config`. Call it once the base is
-    loaded: `auto` gradient checkpointing weighs the activations against the memory free at that point."""
-    device, precision = models.describe_device(cfg.train)
+def resolve(cfg: Config, model_config, device: str, precision: str) -> Settings:
+    """The settings for training `cfg` on a base whose config is `model_config`, on `device` in `precision`
+    (`models.describe_device(cfg.train)`, resolved once by the caller: the base is loaded in that precision
+    before this runs). Call it once the base is loaded: `auto` gradient checkpointing weighs the activations
+    against the memory free at that point."""
     fast = FastPath.choose(cfg.train, device)
     budget = batch_tokens(cfg, device)
     longest = budget or cfg.train.batch_size * cfg.data.max_length

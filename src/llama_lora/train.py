@@ -365,7 +365,7 @@ def train(
     say = (lambda *a: None) if quiet or not main else log
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
 
-    loaded = build.load(cfg)
+    loaded = build.load(cfg, device_precision=(device, precision))
     for note in loaded.ds.notes:
         say(note)
     run = Path(cfg.output.dir)
