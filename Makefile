@@ -30,9 +30,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 # The seed's whole flow on the embedded model: train (DoRA) -> compare with the base -> merge -> infer.
+# compare also checks general skills on 200 rows of two standard benchmarks when their original files are
+# at BENCH_DATA (docs/benchmarks.md); without them it says so and compares on the held-out split alone.
+BENCH_DATA ?= ../shared/data/benchmarks
 demo: $(STAMP)
 	$(BIN)/llama-lora train --preset demo --overwrite
-	$(BIN)/llama-lora compare runs/demo --n 48
+	@if [ -d "$(BENCH_DATA)" ]; then \
+	  echo "$(BIN)/llama-lora compare runs/demo --n 48 --benchmarks arc_easy,piqa --limit 200 --bench-data $(BENCH_DATA)"; \
+	  $(BIN)/llama-lora compare runs/demo --n 48 --benchmarks arc_easy,piqa --limit 200 --bench-data $(BENCH_DATA); \
+	else \
+	  echo "note: no benchmark files at $(BENCH_DATA) (set BENCH_DATA=DIR), so no general-skills check"; \
+	  $(BIN)/llama-lora compare runs/demo --n 48; \
+	fi
 	$(BIN)/llama-lora merge runs/demo
 	$(BIN)/llama-lora infer --base runs/demo/merged "Who are you, and what is the capital of Japan?"
 	@echo "demo artifacts: runs/demo (adapter/, report.html, report.md, loss.png), merged model in runs/demo/merged"

@@ -1,5 +1,6 @@
-"""After `make demo` in CI: the adapter beats the base in runs/demo/compare.json, and the demo's log holds no
-other library's progress bar or warning. Usage: check_demo.py RUN_DIR DEMO_LOG"""
+"""After `make demo` in CI: the adapter beats the base in runs/demo/compare.json, the report has its general
+skills section (where the benchmark files are), and the demo's log holds no other library's progress bar or
+warning. Usage: check_demo.py RUN_DIR DEMO_LOG"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 # tqdm bars ("  0%|", "it/s]"), Python warnings ("UserWarning:", "warnings.warn("), transformers' and PEFT's
 # logger lines, and tracebacks: none of them is llama-lora's own output.
+BENCH_DATA = Path("../shared/data/benchmarks")  # the Makefile's BENCH_DATA default
 NOISE = re.compile(r"\d+%\||it/s\]|s/it\]|Warning:|warnings\.warn\(|^WARNING|Traceback", re.MULTILINE)
 
 
@@ -34,6 +36,14 @@ def main(run: Path, log: Path) -> int:
         f"ROUGE-L {base['rouge_l']:.3f} -> {adapter['rouge_l']:.3f}, stopped on its own "
         f"{base['stop_rate']:.2f} -> {adapter['stop_rate']:.2f}"
     )
+    bench = report.get("benchmarks")
+    if bench is None and BENCH_DATA.is_dir():
+        problems.append(f"compare.json has no general-skills section although {BENCH_DATA} exists")
+    for name, c in (bench or {}).get("comparison", {}).items():
+        print(
+            f"general skills, {name} ({bench['limit']} rows, {c['metric']}): base {c['base']:.4f} -> adapter "
+            f"{c['adapter']:.4f} (delta {c['delta']:+.4f} +- {c['delta_stderr']:.4f}: {c['verdict']})"
+        )
     for problem in problems:
         print(f"FAIL: {problem}")
     return 1 if problems else 0

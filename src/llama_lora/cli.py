@@ -133,6 +133,7 @@ BaseOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Benchmark rows per task (per subject for mmlu).")]
 ToolsOpt = Annotated[
     str | None,
     typer.Option(
@@ -283,6 +284,13 @@ def compare(
         str | None, typer.Option("--out", help="Where reports go (default: the run directory).")
     ] = None,
     device: DeviceOpt = "auto",
+    benchmarks: Annotated[
+        str | None, typer.Option(help="Also lm-eval tasks, comma-separated (a 'general skills' section).")
+    ] = None,
+    limit: LimitOpt = None,
+    bench_data: Annotated[
+        str | None, typer.Option(help="Benchmark files for --benchmarks (as eval's --data-dir).")
+    ] = None,
 ) -> None:
     """Base model vs adapter on held-out prompts: loss, perplexity, ROUGE-L, probe; writes report.html."""
     from rich.table import Table
@@ -298,6 +306,10 @@ def compare(
         base=base,
         device=device,
         out_dir=out_dir,
+        benchmarks=benchmarks,
+        bench_limit=limit,
+        bench_data=bench_data,
+        verbose=_verbose,
         log=err.print,
     )
     table = Table(title=f"base vs adapter on {result['n']} held-out prompts")
@@ -306,7 +318,66 @@ def compare(
     for label, b, a, verdict in metric_rows(result):
         table.add_row(label, f"{b:.4f}", f"{a:.4f}", verdict)
     out.print(table)
+    if result.get("benchmarks"):
+        _benchmark_table(result["benchmarks"])
     out.print("reports: " + ", ".join(result["files"]))
+
+
+def _benchmark_table(result: dict) -> None:
+    from rich.table import Table
+
+    from llama_lora.lmeval import table_rows
+
+    paired = "comparison" in result
+    cols = ("task", "metric", "base", "adapter", "delta", "") if paired else ("task", "metric", "score")
+    table = Table(
+        title="general skills (lm-evaluation-harness)"
+        + (f", {result['limit']} rows each" if result["limit"] else "")
+    )
+    for col in cols:
+        table.add_column(col)
+    for row in table_rows(result):
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    target: Annotated[
+        str, typer.Argument(help="Run directory (base vs adapter) or a model (evaluated alone).")
+    ],
+    tasks: Annotated[str, typer.Option(help="lm-eval tasks, comma-separated: arc_easy,piqa,mmlu,...")],
+    limit: LimitOpt = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="The benchmarks' original files (offline); default: the hub.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 16,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where native), bf16, fp16 or fp32.")] = "auto",
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the results here (default: RUN_DIR/eval.json).")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Standard benchmarks (lm-evaluation-harness) on the base and on base + adapter: what did tuning cost?"""
+    from llama_lora.lmeval import evaluate
+
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"--precision: {precision!r} is not one of auto, bf16, fp16, fp32")
+    result = evaluate(
+        target,
+        tasks,
+        limit,
+        data_dir,
+        batch_size,
+        precision,
+        json_out,
+        device,
+        verbose=_verbose,
+        log=err.print,
+    )
+    _benchmark_table(result)
+    if result.get("file"):
+        out.print(f"results: {result['file']}", markup=False)
 
 
 @app.command()

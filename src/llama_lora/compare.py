@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_lora import data, generate, report, run_dir
+from llama_lora import data, generate, lmeval, report, run_dir
 from llama_lora.batching import eval_batches, pad_id_for
 from llama_lora.config import Config, DataConfig
 from llama_lora.errors import LlamaLoraError
@@ -93,9 +93,17 @@ def compare(
     base: str | None = None,
     device: str = "auto",
     out_dir: str | None = None,
+    benchmarks: str | None = None,
+    bench_limit: int | None = None,
+    bench_data: str | None = None,
+    verbose: bool = False,
     log=print,
 ) -> dict[str, Any]:
     start = time.perf_counter()
+    bench_names = None
+    if benchmarks:  # unknown tasks and absent files fail before anything is loaded
+        bench_names = lmeval.parse_tasks(benchmarks)
+        lmeval.check_data(bench_names, bench_data)
     loaded = generate.load(base=base, adapter=adapter, device=device, log=log)
     src = loaded.source
     assert src is not None
@@ -119,6 +127,10 @@ def compare(
     with loaded.model.disable_adapter():
         base_side = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
 
+    bench = None
+    if bench_names:
+        log(f"general skills: {', '.join(bench_names)} through lm-evaluation-harness, base then adapter")
+        bench = lmeval.run_loaded(loaded, bench_names, bench_data, bench_limit, verbose=verbose)
     target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
     result = {
         "adapter": str(src.adapter_dir),
@@ -133,6 +145,7 @@ def compare(
             {"prompt": p[-1]["content"], "reference": r, "base": b, "adapter": a}
             for p, r, b, a in zip(prompts, references, base_side["generations"], adapter_side["generations"])
         ],
+        "benchmarks": bench,
         "runtime_s": round(time.perf_counter() - start, 2),
     }
     target.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,16 @@ def _from_pretrained(loader, ref: ModelRef, what: str, mcfg: ModelConfig, **kwar
     """Call a `from_pretrained` for a local path or a hub id, with clear errors for hub failures."""
     kwargs = {"revision": mcfg.revision, "trust_remote_code": mcfg.trust_remote_code, **kwargs}
     if ref.kind != "hub":
-        return loader(local_path(ref), **kwargs)
+        path = local_path(ref)
+        try:
+            return loader(path, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:  # an incomplete or foreign directory
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__).strip()
+            if what == "tokenizer" and not any(Path(path).glob("tokenizer*")):
+                first = "no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json) there"
+            raise ModelError(
+                f"{mcfg.name}: its {what} could not be loaded from {path}: {first.rstrip(':')}"
+            ) from None
     try:  # a copy in the hub cache needs no network
         return loader(ref.path, local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to a download

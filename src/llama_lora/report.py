@@ -54,6 +54,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += ["", "| metric | base | adapter | |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {label} | {_fmt(b)} | {_fmt(a)} | {v} |" for label, b, a, v in metric_rows(result)]
+    lines += benchmarks_markdown(result.get("benchmarks"))
     lines += ["", "## Side by side", ""]
     for i, ex in enumerate(result["examples"][:12], 1):
         lines += [
@@ -65,6 +66,78 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def benchmarks_markdown(bench: dict[str, Any] | None) -> list[str]:
+    """The 'general skills' section: lm-eval's score per task, base vs adapter, with stderr and verdict."""
+    if not bench:
+        return []
+    from llama_lora.lmeval import table_rows
+
+    rows = "rows each" if bench["limit"] else "full splits"
+    lines = [
+        "",
+        "## General skills (lm-evaluation-harness)",
+        "",
+        f"lm-eval {bench['lm_eval_version']}, {bench['limit'] or 'all'} {rows}, {bench['dtype']}; a change counts "
+        "(lost / gained) when it exceeds 2 standard errors of the difference.",
+        "",
+        "| task | metric | base | adapter | delta | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    return lines + [f"| {' | '.join(row)} |" for row in table_rows(bench)]
+
+
+def _benchmark_chart(bench: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comp = bench["comparison"]
+    names = list(comp)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.2), dpi=100)
+    ys = range(len(names))
+    for offset, side, color in ((-0.2, "base", "#9aa5b1"), (0.2, "adapter", "#3b6ea8")):
+        ax.barh(
+            [y + offset for y in ys],
+            [comp[n][side] for n in names],
+            height=0.4,
+            xerr=[comp[n][f"{side}_stderr"] or 0 for n in names],
+            label=side,
+            color=color,
+            capsize=3,
+        )
+    ax.set_yticks(list(ys), [f"{n} ({comp[n]['metric']})" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _benchmarks_html(bench: dict[str, Any] | None) -> str:
+    if not bench or "comparison" not in bench:
+        return ""
+    from llama_lora.lmeval import table_rows
+
+    esc = html_lib.escape
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{esc(c)}</td>" for c in row[:-1])
+        + f"<td class='{row[-1]}'>{row[-1]}</td></tr>"
+        for row in table_rows(bench)
+    )
+    scope = f"{bench['limit']} rows each" if bench["limit"] else "full splits"
+    return (
+        f"<h2>General skills (lm-evaluation-harness)</h2><p>lm-eval {esc(str(bench['lm_eval_version']))}, "
+        f"{scope}, {bench['dtype']}; lost / gained: a change beyond 2 standard errors of the difference.</p>"
+        "<table><tr><th>task</th><th>metric</th><th>base</th><th>adapter</th><th>delta</th><th></th></tr>"
+        f"{body}</table><img alt='benchmarks' src='data:image/png;base64,{_benchmark_chart(bench)}'>"
+    )
 
 
 def _one_line(text: str) -> str:
@@ -125,7 +198,7 @@ def html(result: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ border: 1px solid #ccc; padding: .3rem .6rem;
-vertical-align: top; }} th {{ background: #f2f4f7; }} .better {{ color: #1a7f37; }} .worse {{ color: #b42318; }}
+vertical-align: top; }} th {{ background: #f2f4f7; }} .better, .gained {{ color: #1a7f37; }} .worse, .lost {{ color: #b42318; }}
 td {{ white-space: pre-wrap; }}
 </style></head><body>
 <h1>Base model vs adapter</h1>
@@ -133,6 +206,7 @@ td {{ white-space: pre-wrap; }}
 <li>held-out data: {esc(result["data"])} ({result["n"]} prompts, greedy)</li>{probe_line}</ul>
 <table><tr><th>metric</th><th>base</th><th>adapter</th><th></th></tr>{table}</table>
 <img alt="metrics" src="data:image/png;base64,{_bar_chart(result)}">
+{_benchmarks_html(result.get("benchmarks"))}
 {loss_img}
 <h2>Side by side</h2>
 <table><tr><th>prompt</th><th>reference</th><th>base</th><th>adapter</th></tr>{examples}</table>
