@@ -111,17 +111,21 @@ def cli_in_process(*args: str) -> tuple[int, str, str]:
     """`llama-lora ARGS` run in this process (no interpreter start-up): (exit status, stdout, stderr)."""
     import contextlib
     import io
+    import warnings
 
     from llama_lora import cli
 
     out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["llama-lora", *args]
+    environ = dict(os.environ)  # the CLI quiets libraries through the environment (TQDM_DISABLE, ...)
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             cli.main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)  # so that later subprocesses (run_cli) start as the user's shell would
     return code, out.getvalue(), err.getvalue()

@@ -136,3 +136,14 @@ def test_llama3_rope_factors_match_transformers():
     factors = export.llama3_rope_factors(32, export.rope_parameters(config))
     assert np.allclose(factors, (plain / scaled).numpy(), rtol=1e-4)
     assert factors.min() == 1.0 and factors.max() == 32.0
+
+
+def test_a_directory_that_is_no_model_is_one_line(tmp_path):
+    from tests.conftest import cli_in_process
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    code, _, err = cli_in_process("export", "gguf", str(broken), "--out", str(tmp_path / "m.gguf"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a loadable model directory" in err, err
+    assert not list(tmp_path.glob("*.gguf"))

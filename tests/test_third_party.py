@@ -10,7 +10,7 @@ import pytest
 from .conftest import cli_in_process, tiny_overrides
 
 THIRD_PARTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "third_party"
-PREFERENCE = "preference training (DPO/KTO) is not available yet"
+PREFERENCE = "train them with train.objective: dpo (or orpo)"
 # file -> None (trains) or the text its one-line error holds
 EXPECTED = {
     "README.md": "cannot read .md files",
@@ -70,3 +70,30 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
         assert code == 2 and len(lines) == 1, err
         assert EXPECTED[name] in lines[0] and name in lines[0]
         assert not out.exists()  # nothing written
+
+
+def test_the_dpo_pairs_train_with_objective_dpo(tiny_model_dir, tmp_path):
+    """LLaMA-Factory's ShareGPT pairs (system turns, multi-turn prompts) through DPO; prompts too long for
+    max_length are bad rows, skipped and counted with data.skip_bad_rows."""
+    import json
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        THIRD_PARTY / "dpo_en_demo.json",
+        out,
+        **{
+            "train.objective": "dpo",
+            "data.max_rows": 24,
+            "data.eval_fraction": 0,
+            "data.max_length": 512,
+            "data.skip_bad_rows": True,
+            "train.max_steps": 2,
+            "train.batch_size": 2,
+        },
+    )
+    code, _, err = cli_in_process("train", *overrides)
+    assert code == 0, err
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["train_examples"] + summary["skipped_bad_rows"] == 24
+    assert summary["skipped_bad_rows"] > 0 and "leaves no room" in err

@@ -69,20 +69,30 @@ def lora_config(pcfg, device: str):
     )
 
 
-def attach(model: nn.Module, pcfg, device: str, initial_dir: Path | None = None, autocast: bool = False):
-    """Wrap `model` with a fresh adapter. For PiSSA/OLoRA, the initial adapter is saved to `initial_dir`
+def attach(
+    model: nn.Module,
+    pcfg,
+    device: str,
+    initial_dir: Path | None = None,
+    autocast: bool = False,
+    start_from: Path | None = None,
+):
+    """Wrap `model` with a fresh adapter, or with the trained one in `start_from` (trainable). For PiSSA/OLoRA, the initial adapter is saved to `initial_dir`
     (needed to convert the trained adapter on save). `autocast`: training will run under bf16/fp16 autocast."""
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     check_targets(model, pcfg.target_modules)
-    peft_model = get_peft_model(model, lora_config(pcfg, device))
+    if start_from is not None:  # model.adapter: continue a trained adapter (its shape is in pcfg already)
+        peft_model = PeftModel.from_pretrained(model, str(start_from), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, lora_config(pcfg, device))
     if autocast and _low_precision(model):
         keep_input_dtype(peft_model)
     if pcfg.use_dora and pcfg.fast_dora:
         from llama_lora.fast_dora import enable_fast_dora
 
         enable_fast_dora(peft_model)
-    if converts_on_save(pcfg.init_lora_weights):
+    if converts_on_save(pcfg.init_lora_weights) and start_from is None:
         if initial_dir is None:
             raise ValueError("PiSSA/OLoRA need a directory for the initial adapter")
         # the conversion later needs the initial adapter saved with init_lora_weights=True semantics
@@ -154,3 +164,19 @@ def use_adapter(model, adapter_name: str | None):
         return
     model.set_adapter(adapter_name, inference_mode=True)  # frozen: requires_grad stays off
     yield
+
+
+def shape_of(adapter_dir: Path) -> dict:
+    """The `peft` keys a saved adapter fixes (rank, alpha, targets, DoRA), for a run that continues it."""
+    import json
+
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    targets = saved.get("target_modules")
+    return {
+        "r": saved["r"],
+        "lora_alpha": saved["lora_alpha"],
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "use_dora": bool(saved.get("use_dora")),
+        "use_rslora": bool(saved.get("use_rslora")),
+        "init_lora_weights": True,
+    }

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from llama_lora import adapters, data, fused, meta, models, settings
+from llama_lora import adapters, data, fused, meta, models, pairs, settings
 from llama_lora.batching import pad_id_for, plan_batches
 from llama_lora.config import Config, TrainConfig
-from llama_lora.errors import DataError
+from llama_lora.errors import ConfigError, DataError
 from llama_lora.fastpath import FastPath
 from llama_lora.loss import ResponseObjective
+from llama_lora.preference import PreferenceObjective
 from llama_lora.settings import Settings
 
 
@@ -45,10 +46,9 @@ def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | N
     train_rows, eval_rows = rows if rows is not None else data.split_rows(cfg.data, cfg.train.seed)
     if not train_rows:
         raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
-    train_ex, tstats = data.prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
-    eval_ex, estats = data.prepare(
-        eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)"
-    )
+    prepare = data.prepare if cfg.train.objective == "sft" else pairs.prepare_pairs
+    train_ex, tstats = prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
+    eval_ex, estats = prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
     if not train_ex:
         raise DataError(
             f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
@@ -135,6 +135,17 @@ def load_base(cfg: Config, precision: str, ref: models.ModelRef):
     return models.load_model(cfg.model, models.storage_dtype(cfg.model, precision), ref)
 
 
+def start_adapter(cfg: Config) -> Path | None:
+    """`model.adapter` as an adapter directory (a run directory holds it in adapter/), or None."""
+    if cfg.model.adapter is None:
+        return None
+    path = Path(cfg.model.adapter)
+    for candidate in (path / "adapter", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"model.adapter: {path} is not a run directory or an adapter directory")
+
+
 @dataclass
 class Loaded:
     """What `load` makes: the data and the frozen base, and the settings resolved for them."""
@@ -159,6 +170,9 @@ def load(
     from transformers import set_seed
 
     device, precision = device_precision or models.describe_device(cfg.train)
+    start = start_adapter(cfg)
+    if start is not None:  # the continued adapter's shape, so config.yaml and the summary say what runs
+        cfg = cfg.model_copy(update={"peft": cfg.peft.model_copy(update=adapters.shape_of(start))})
     ref = models.resolve(cfg.model.name)
     tokenizer = models.load_tokenizer(cfg.model, ref)
     ds = load_dataset(cfg, tokenizer, rows)
@@ -166,6 +180,12 @@ def load(
         set_seed(cfg.train.seed)
     model = load_base(cfg, precision, ref)
     adapters.check_targets(model, cfg.peft.target_modules)
+    stored = (meta.read_meta(start) or {}).get("base_fingerprint") if start is not None else None
+    if stored is not None and not meta.fingerprint_matches(stored, model):
+        raise ConfigError(
+            f"model.adapter: {cfg.model.adapter} was trained for a different base model than {cfg.model.name} "
+            "(shapes or weights differ)"
+        )
     return Loaded(
         cfg,
         tokenizer,
@@ -183,7 +203,7 @@ class Setup:
     loaded: Loaded
     peft_model: Any
     fast: FastPath
-    objective: ResponseObjective
+    objective: ResponseObjective | PreferenceObjective
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -201,11 +221,27 @@ def attach(loaded: Loaded, processes: int = 1, initial_dir: Path | None = None, 
     if s.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = adapters.attach(
-        loaded.model, cfg.peft, s.device, initial_dir=initial_dir, autocast=s.autocast
+        loaded.model,
+        cfg.peft,
+        s.device,
+        initial_dir=initial_dir,
+        autocast=s.autocast,
+        start_from=start_adapter(cfg),
     )
     s.fast_path.install(peft_model, loaded.model, layers=layers)
     pad = pad_id_for(loaded.tokenizer)
-    objective = ResponseObjective(peft_model, collate=lambda rows: s.fast_path.collate(rows, pad))
+    if cfg.train.objective == "sft":
+        objective = ResponseObjective(
+            peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad
+        )
+    else:  # pairs are padded batches: packing keeps no row boundaries for per-sequence sums (yet)
+        t = cfg.train
+        objective = PreferenceObjective(peft_model, t.objective, t.beta, t.label_smoothing, pad)
+        device = next(p for p in peft_model.parameters()).device
+        dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
+        with torch.autocast(device.type, dtype=dtype, enabled=s.autocast):  # as the training steps run
+            for examples in (loaded.ds.train, loaded.ds.eval):
+                objective.precompute_reference(examples, t.batch_size, s.batch_tokens, device)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)

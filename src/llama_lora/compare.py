@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llama_lora import data, generate, lmeval, report, run_dir
 from llama_lora.batching import eval_batches, pad_id_for
 from llama_lora.config import Config, DataConfig
@@ -85,6 +87,47 @@ def side_metrics(loaded, examples, prompts, references, probe, settings, cfg=Non
     return out
 
 
+def held_out_pairs(rows, loaded, dcfg, label):
+    """Preference pairs -> prompts, chosen answers (the references), chosen examples (their loss) and pairs."""
+    from llama_lora import pairs
+
+    pair_examples, _ = pairs.prepare_pairs(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    prompts, references = [], []
+    for row in rows:
+        try:
+            prompt, chosen, _ = pairs.pair_messages(row, dcfg.system_prompt)
+        except ValueError:
+            continue  # prepare_pairs skipped it too (data.skip_bad_rows)
+        prompts.append(prompt)
+        references.append(chosen["content"])
+    return prompts, references, [p.chosen for p in pair_examples], pair_examples
+
+
+@torch.no_grad()
+def preference_metrics(loaded, pair_examples, cfg: Config | None) -> dict[str, float]:
+    """Held-out preference accuracy: how often the model gives the chosen answer a higher summed log-
+    probability than the rejected one (no reference model), and the mean margin between them."""
+    from llama_lora.batching import plan_batches
+    from llama_lora.preference import PreferenceObjective
+
+    cfg = cfg or Config()
+    objective = PreferenceObjective(loaded.model, "orpo", 0.1, 0.0, pad_id_for(loaded.tokenizer))
+    objective.module.eval()
+    plan = plan_batches(
+        [len(p) for p in pair_examples], cfg.train.batch_size, batch_tokens(cfg, loaded.device), 0, False
+    )
+    margins = []
+    for b in plan:
+        batch = objective.collate([pair_examples[i] for i in b])
+        sums, _ = objective.module.logps(**{k: v.to(loaded.device) for k, v in batch.items()})
+        half = len(b)
+        margins += (sums[:half] - sums[half:]).tolist()
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+        "preference_margin": statistics.fmean(margins) if margins else 0.0,
+    }
+
+
 def compare(
     adapter: str,
     data_file: str | None = None,
@@ -109,23 +152,31 @@ def compare(
     assert src is not None
     rows, label, probe = held_out_rows(src, data_file)
     rows = rows[:n]
-    prompts, references = [], []
-    dcfg = src.cfg.data if src.cfg else None
-    for row in rows:
-        messages, reference = generate.row_prompt(row)
-        if reference is None:
-            raise CompareError(f"compare: {label} has rows without a reference response")
-        prompts.append(messages)
-        references.append(reference)
-    examples, _ = data.prepare(rows, loaded.tokenizer, dcfg or DataConfig(), loaded.template, where=label)
+    dcfg = (src.cfg.data if src.cfg else None) or DataConfig()
+    pairs_run = src.cfg is not None and src.cfg.train.objective != "sft"
+    if pairs_run:  # a preference run: its held-out rows are pairs; the chosen answer is the reference
+        prompts, references, examples, pair_examples = held_out_pairs(rows, loaded, dcfg, label)
+    else:
+        prompts, references = [], []
+        for row in rows:
+            messages, reference = generate.row_prompt(row)
+            if reference is None:
+                raise CompareError(f"compare: {label} has rows without a reference response")
+            prompts.append(messages)
+            references.append(reference)
+        examples, _ = data.prepare(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
     settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
 
+    def one_side() -> dict[str, Any]:
+        out = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
+        return {**out, **preference_metrics(loaded, pair_examples, src.cfg)} if pairs_run else out
+
     log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
-    adapter_side = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
+    adapter_side = one_side()
     log("... and the base model (adapter switched off)")
     loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
     with loaded.model.disable_adapter():
-        base_side = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
+        base_side = one_side()
 
     bench = None
     if bench_names:

@@ -37,6 +37,10 @@ class ModelConfig(Section):
     """Load pickled (`.bin`/`.pt`) weights, which can run code; off: only safetensors are loaded."""
     load_in_4bit: bool = False
     """QLoRA: train on a 4-bit (NF4) base via bitsandbytes; CUDA only. Merging uses the unquantized base."""
+    adapter: str | None = None
+    """Start from this trained adapter (a run or adapter directory) instead of a fresh one: continued SFT, or
+    DPO/ORPO after SFT. It must have been trained on this base (fingerprint checked); its rank, alpha and
+    target modules are used, so the `peft` section's shape keys do not apply."""
 
 
 class DataConfig(Section):
@@ -109,6 +113,14 @@ class PeftConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """`sft`: learn the responses. `dpo` / `orpo`: learn from preference pairs (a prompt, a chosen and a
+    rejected answer; docs/preference.md). DPO's reference is the model as training starts."""
+    beta: float = Field(0.1, gt=0)
+    """DPO: how far the policy may move from the reference (higher: stays closer); ORPO: the weight of the
+    odds-ratio term against the chosen answer's NLL."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """DPO only: the assumed probability that a pair's preference is flipped (conservative DPO)."""
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; when set it overrides `epochs`."""

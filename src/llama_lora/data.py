@@ -45,8 +45,15 @@ END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_tur
 # ------------------------------------------------------------------------------------------- sources
 
 
-def bundled_dir() -> Path:
-    return Path(str(resources.files("llama_lora") / "demo_data"))
+BUNDLED = {"demo": "", "demo-pairs": "pairs"}  # data.source aliases -> folders of demo_data/
+
+
+def bundled_dir(source: str = "demo") -> Path:
+    return Path(str(resources.files("llama_lora") / "demo_data" / BUNDLED[source]))
+
+
+def source_path(source: str) -> Path:
+    return bundled_dir(source) if source in BUNDLED else Path(source).expanduser()
 
 
 def _local_files(path: Path, split: str) -> dict[str, str]:
@@ -149,8 +156,8 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
-    path = bundled_dir() if source == "demo" else Path(source).expanduser()
-    local = source == "demo" or path.exists() or path.suffix in LOCAL_EXTENSIONS
+    path = source_path(source)
+    local = source in BUNDLED or path.exists() or path.suffix in LOCAL_EXTENSIONS
     try:
         if local:
             if not path.exists():
@@ -215,7 +222,7 @@ def split_rows(dcfg, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 def load_probe(source: str) -> dict[str, Any] | None:
     """The behaviour probe a dataset directory declares in `probe.json` (None when it has none)."""
-    path = bundled_dir() if source == "demo" else Path(source).expanduser()
+    path = source_path(source)
     probe = path / "probe.json" if path.is_dir() else path.with_name("probe.json")
     return json.loads(probe.read_text()) if probe.is_file() else None
 
@@ -479,9 +486,14 @@ def prepare(
             stats.truncated_examples.append(len(examples))
         examples.append(ex)
     stats.kept = len(examples)
+    refuse_bad_rows(stats, dcfg, where, "lack required fields")
+    return examples, stats
+
+
+def refuse_bad_rows(stats: PrepareStats, dcfg, where: str, what: str) -> None:
+    """Bad rows stop the run in one line naming the first and their count, unless data.skip_bad_rows."""
     if stats.bad_rows and not dcfg.skip_bad_rows:
         raise DataError(
-            f"{where}: {len(stats.bad_rows)} of {stats.rows} rows lack required fields (first: "
+            f"{where}: {len(stats.bad_rows)} of {stats.rows} rows {what} (first: "
             f"{stats.bad_rows[0]}); fix them or set data.skip_bad_rows: true to skip them"
         )
-    return examples, stats

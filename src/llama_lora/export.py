@@ -132,10 +132,14 @@ def write_gguf(src: Path, path: Path, kind: str, log=print) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(src)
+    try:
+        config = AutoConfig.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, KeyError) as exc:  # not a model directory, or an incomplete one
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ExportError(f"{src}: not a loadable model directory ({first.strip().rstrip(':')})") from None
     check_supported(config)
     file_type, qtype = TYPES[kind]
-    tokenizer = AutoTokenizer.from_pretrained(src)
     name = str(getattr(config, "_name_or_path", "") or src.name)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     add_hparams(writer, config, file_type, Path(name).name or src.name)

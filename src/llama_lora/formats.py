@@ -60,9 +60,14 @@ def preference_kind(row: dict[str, Any]) -> str | None:
 
 def refuse_preference(kind: str, where: str, index: int | None = None) -> DataError:
     at = f" (row {index})" if index is not None else ""
+    if kind.startswith("KTO"):
+        return DataError(
+            f"{where}: the rows are {kind}{at}; KTO training is not available yet in llama-lora "
+            "(train.objective dpo/orpo take chosen/rejected pairs; sft, one good response a row)"
+        )
     return DataError(
-        f"{where}: the rows are {kind}{at}; preference training (DPO/KTO) is not available yet in "
-        "llama-lora, which trains on rows with one good response each"
+        f"{where}: the rows are {kind}{at}; train them with train.objective: dpo (or orpo), "
+        "not as rows with one good response each"
     )
 
 

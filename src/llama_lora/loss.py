@@ -136,13 +136,24 @@ class ResponseObjective:
     units)), `collate` (examples -> batch) and `units` (what a step's summed loss is divided by: here an
     example's response tokens). A preference objective plugs in with the same three."""
 
-    def __init__(self, model: nn.Module, collate):
+    def __init__(self, model: nn.Module, collate, pad_id: int = 0):
         self.module = ResponseLoss(model)
         self.collate = collate
+        self.pad_id = pad_id
 
     @staticmethod
     def units(example) -> int:
         return sum(1 for y in example.labels[1:] if y != IGNORE)
+
+    def eval_batches(
+        self, examples, batch_size: int, max_batch_tokens: int | None
+    ) -> list[dict[str, torch.Tensor]]:
+        from llama_lora.batching import eval_batches
+
+        return eval_batches(examples, batch_size, max_batch_tokens, self.pad_id)
+
+    def take_metrics(self, mode: str = "train") -> dict[str, float]:
+        return {}  # the loss is all SFT logs
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ from typing import Any
 from llama_lora import run_dir
 
 ROWS = [
+    ("preference_accuracy", "held-out preference accuracy (chosen > rejected)", "higher"),
+    ("preference_margin", "mean log-prob margin, chosen - rejected", "higher"),
     ("eval_loss", "eval loss (response tokens)", "lower"),
     ("perplexity", "perplexity", "lower"),
     ("rouge_l", "ROUGE-L vs reference", "higher"),
@@ -156,7 +158,8 @@ def _bar_chart(result: dict[str, Any]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in metric_rows(result) if r[0] != "mean generated tokens" and r[0] != "perplexity"]
+    unbounded = ("mean generated tokens", "perplexity", "mean log-prob margin, chosen - rejected")
+    rows = [r for r in metric_rows(result) if r[0] not in unbounded]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="base", color="#9aa5b1")

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from llama_lora import adapters, build, checkpoint, meta, models, parallel, run_dir, tracking
-from llama_lora.batching import eval_batches, pad_id_for
 from llama_lora.config import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.loss import eval_sums
@@ -145,9 +144,7 @@ class Run:
         self.eval_module = accelerator.unwrap_model(self.module)  # evaluation needs no gradient sync
         self.units = [setup.objective.units(e) for e in self.ds.train]
         tcfg, budget = self.cfg.train, setup.loaded.settings.batch_tokens
-        self.eval_batches = eval_batches(
-            self.ds.eval, tcfg.batch_size, budget, pad_id_for(setup.loaded.tokenizer)
-        )
+        self.eval_batches = setup.objective.eval_batches(self.ds.eval, tcfg.batch_size, budget)
         self.counters = Counters(processes=self.world)
         self.metrics: run_dir.MetricsLog | None = None
 
@@ -160,6 +157,10 @@ class Run:
             self.accelerator, *eval_sums(self.eval_module, mine, self.accelerator.device)
         )
         return total / max(count, 1)
+
+    def eval_extras(self) -> dict[str, float]:
+        """What the objective measured during the last evaluation besides the loss (DPO: rewards)."""
+        return self.setup.objective.take_metrics("eval")
 
     def save_checkpoint(self, step: int) -> Path:
         other_rng = parallel.rng_states(self.accelerator)  # every process takes part
@@ -184,7 +185,7 @@ class Run:
             sinks=tracking.open_sinks(self.cfg, self.run, self.main),
         )
         before = self.evaluate()
-        self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": before})
+        self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": before, **self.eval_extras()})
         if before is not None:
             self.say(f"eval loss before training: {before:.4f}")
         return before
@@ -265,10 +266,12 @@ class Run:
                     lr = self.setup.scheduler.get_last_lr()[0]
                     window = c.take_window()
                     record = {"step": step, "epoch": epoch, "loss": window.pop("loss"), "learning_rate": lr}
-                    self.metrics.write({**record, **window})
+                    self.metrics.write({**record, **window, **self.setup.objective.take_metrics()})
                 if tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != last:
                     eval_loss = self.evaluate()
-                    self.metrics.write({"step": step, "epoch": epoch, "eval_loss": eval_loss})
+                    self.metrics.write(
+                        {"step": step, "epoch": epoch, "eval_loss": eval_loss, **self.eval_extras()}
+                    )
                     if eval_loss is not None:  # None: no eval rows
                         reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
                 saved = None
@@ -286,7 +289,9 @@ class Run:
         s, loaded, c = self.setup, self.setup.loaded, self.counters
         eval_after = self.evaluate()
         epochs = round(c.micro_done / s.per_epoch, 4)
-        self.metrics.write({"step": len(s.steps), "epoch": epochs, "eval_loss": eval_after})
+        self.metrics.write(
+            {"step": len(s.steps), "epoch": epochs, "eval_loss": eval_after, **self.eval_extras()}
+        )
         self.metrics.close()
         s.fast.uninstall(s.peft_model, loaded.model)  # what is saved and returned is plain PEFT
         if self.main:
@@ -309,6 +314,7 @@ class Run:
         return {
             "model": cfg.model.name,
             "method": "dora" if cfg.peft.use_dora else "lora",
+            "objective": cfg.train.objective,
             "dataset": cfg.data.source,
             "template": ds.template,
             "train_rows": ds.train_rows,
@@ -366,6 +372,7 @@ def train(
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
 
     loaded = build.load(cfg, device_precision=(device, precision))
+    cfg = loaded.cfg  # with model.adapter, the peft keys are the continued adapter's
     for note in loaded.ds.notes:
         say(note)
     run = Path(cfg.output.dir)

@@ -1,0 +1,271 @@
+"""Preference-tuning losses (DPO, ORPO, KTO) and the per-sequence log-probabilities they score.
+
+The numerics follow TRL's trainers (tests/test_preference.py checks them against trl 1.16), so losses, rewards
+and logged metrics compare one to one with a TRL run. Everything is computed in float32: the losses take
+differences of summed log-probabilities, where bfloat16 rounding would swamp the signal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llama_lora.data import IGNORE
+
+HIDDEN_CHUNK = 256  # labelled positions per lm_head call in `sequence_logps_from_hidden`
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of the labelled tokens, and how many there are.
+
+    `logits` is batch x length x vocab, `labels` batch x length with IGNORE (-100) on prompt and padding; the
+    causal shift (position t predicts label t + 1) is applied here. Divide the sum by the count for ORPO's
+    length-normalised log-probability.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(mask, token_logps, 0.0).sum(-1), mask.sum(-1)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = HIDDEN_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` from the decoder's last hidden states and the lm_head weight, without full logits.
+
+    Only labelled positions go through the head, `chunk` at a time, each chunk checkpointed so that at most one
+    chunk of logits is alive in forward and in backward (preference batches hold chosen and rejected rows, so
+    full-vocabulary logits are twice an SFT batch's).
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    rows = mask.nonzero()[:, 0]
+    picked_hidden, picked_targets = hidden[:, :-1][mask], targets[mask]
+    parts = [
+        checkpoint(
+            _chunk_logps,
+            picked_hidden[i : i + chunk],
+            weight,
+            picked_targets[i : i + chunk],
+            use_reentrant=False,
+        )
+        for i in range(0, picked_targets.numel(), chunk)
+    ]
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=hidden.device).index_add(
+        0, rows, token_logps
+    )
+    return sums, mask.sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO (Rafailov et al. 2023) per pair, from summed sequence log-probabilities.
+
+    `label_smoothing` is conservative DPO (cDPO): the probability that a pair's preference is flipped, mixing
+    in the loss of the reversed pair. At 0 this is TRL 1.x's `loss_type="sigmoid"` exactly; with smoothing it is
+    TRL 0.x's sigmoid loss (TRL 1.x applies `label_smoothing` only to its "robust" and "exo_pair" losses).
+    Returns (losses, chosen_rewards, rejected_rewards); the rewards beta * (policy - reference) are detached.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    margin = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin)
+    if label_smoothing:
+        losses = losses - label_smoothing * F.logsigmoid(-margin)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012: switch formulas at -log 2)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024) per pair: chosen NLL minus beta * log sigmoid(log odds ratio).
+
+    The log-probabilities are length-normalised (mean per labelled token), as in the paper and TRL. `chosen_nll`
+    is the SFT term, a scalar or one value per pair; its batch mean plus this loss's mean is TRL's total. (TRL
+    takes that NLL over prompt and response tokens of the chosen rows; that choice is the caller's.)
+    Returns (losses, chosen_rewards, rejected_rewards, log_odds); rewards are beta * mean log-prob, detached.
+    """
+    chosen, rejected = chosen_mean_logps.float(), rejected_mean_logps.float()
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    losses = chosen_nll - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen.detach(), beta * rejected.detach(), log_odds
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_policy_logps: torch.Tensor,
+    kl_ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024) per example, for unpaired data labelled desirable or not.
+
+    The reference point z0 is the batch's KL estimate: the mean policy-minus-reference log-ratio on mismatched
+    (prompt, completion) pairs, detached and clamped at 0, as TRL's `loss_type="kto"` estimates it.
+    Returns (losses, rewards, kl), losses and rewards in batch order (TRL lists desirable examples first; the
+    mean is the same); rewards are beta * (policy - reference), detached.
+    """
+    kl = (kl_policy_logps.float() - kl_ref_logps.float()).mean().detach().clamp(min=0)
+    ratio = policy_logps.float() - ref_logps.float()
+    desirable = desirable.bool()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return losses, beta * ratio.detach(), kl
+
+
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """Batch means of the implicit rewards, under the names TRL logs them.
+
+    `rewards/accuracies` is the fraction of pairs whose chosen reward beats the rejected one (ties count as
+    wrong), `rewards/margins` the mean chosen-minus-rejected reward.
+    """
+    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ the objective
+
+
+class PreferenceLoss(torch.nn.Module):
+    """forward(input_ids, labels, attention_mask, ref_logps) -> (summed pair losses, pairs).
+
+    A batch (`PreferenceObjective.collate`) holds n chosen rows, then the n rejected rows of the same pairs,
+    so both answers of a pair go through the model in one forward pass. Log-probabilities are summed over
+    response tokens only (labels mask the prompt). DPO's reference log-probabilities come with the batch:
+    they are computed once, before the first step (`precompute_reference`). Reward statistics accumulate per
+    mode (train / eval) until `take_metrics`."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, beta: float, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
+        self.sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+
+    def logps(self, input_ids, labels, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal_lm.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        return sequence_logps_from_hidden(hidden, causal_lm.get_output_embeddings().weight, labels)
+
+    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None):
+        sums, counts = self.logps(input_ids, labels, attention_mask)
+        n = sums.shape[0] // 2
+        if self.kind == "dpo":
+            ref = ref_logps.float()
+            losses, chosen, rejected = dpo_loss(
+                sums[:n], sums[n:], ref[:n], ref[n:], self.beta, self.label_smoothing
+            )
+        else:  # orpo: the chosen answer's mean token NLL plus the odds-ratio term
+            means = sums / counts.clamp(min=1)
+            losses, chosen, rejected, _ = orpo_loss(means[:n], means[n:], -means[:n], self.beta)
+        self._accumulate(chosen, rejected, sums[:n].detach(), sums[n:].detach())
+        return losses.sum(), n
+
+    def _accumulate(self, chosen, rejected, policy_chosen, policy_rejected) -> None:
+        into = self.sums["train" if self.training else "eval"]
+        parts = {
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "rewards/margins": (chosen - rejected).sum(),
+            "rewards/accuracies": (chosen > rejected).float().sum(),
+            "logps/chosen": policy_chosen.sum(),
+            "logps/rejected": policy_rejected.sum(),
+        }
+        for key, value in parts.items():
+            into[key] = into.get(key, 0.0) + float(value)
+        into["pairs"] = into.get("pairs", 0.0) + chosen.numel()
+
+    def take_metrics(self, mode: str = "train") -> dict[str, float]:
+        """Means since the last call, TRL's names (eval ones prefixed `eval_`); then the window restarts."""
+        sums, self.sums[mode] = self.sums[mode], {}
+        pairs = sums.pop("pairs", 0.0)
+        prefix = "eval_" if mode == "eval" else ""
+        return {prefix + k: v / pairs for k, v in sums.items()} if pairs else {}
+
+
+class PreferenceObjective:
+    """DPO or ORPO as the trainer takes an objective (see loss.ResponseObjective): `module`, `collate`
+    (pairs -> one batch, chosen rows first), `units` (a pair) and `eval_batches`."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, beta: float, label_smoothing: float, pad_id: int):
+        self.module = PreferenceLoss(model, kind, beta, label_smoothing)
+        self.kind, self.pad_id = kind, pad_id
+
+    def collate(self, pairs, with_reference: bool = True) -> dict[str, torch.Tensor]:
+        from llama_lora.batching import collate
+
+        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id)
+        if self.kind == "dpo" and with_reference:
+            refs = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
+            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+    @staticmethod
+    def units(pair) -> int:
+        return 1
+
+    def eval_batches(
+        self, pairs, batch_size: int, max_batch_tokens: int | None
+    ) -> list[dict[str, torch.Tensor]]:
+        from llama_lora.batching import plan_batches
+
+        plan = plan_batches([len(p) for p in pairs], batch_size, max_batch_tokens, seed=0, shuffle=False)
+        return [self.collate([pairs[i] for i in b]) for b in plan]
+
+    def take_metrics(self, mode: str = "train") -> dict[str, float]:
+        return self.module.take_metrics(mode)
+
+    @torch.no_grad()
+    def precompute_reference(self, pairs, batch_size: int, max_batch_tokens: int | None, device) -> None:
+        """DPO's reference: each pair's summed log-probabilities under the model as it is now (before the
+        first step: the base with a fresh adapter, or the adapter training starts from), in eval mode.
+        Computed again identically on --resume, since `attach` runs before a checkpoint is restored."""
+        from llama_lora.batching import plan_batches
+
+        if self.kind != "dpo" or not pairs:
+            return
+        was_training = self.module.training
+        self.module.eval()
+        plan = plan_batches([len(p) for p in pairs], batch_size, max_batch_tokens, seed=0, shuffle=False)
+        for b in plan:
+            chosen = [pairs[i] for i in b]
+            batch = self.collate(chosen, with_reference=False)
+            sums, _ = self.module.logps(**{k: v.to(device) for k, v in batch.items()})
+            n = len(chosen)
+            for k, pair in enumerate(chosen):
+                pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])
+        self.module.train(was_training)
