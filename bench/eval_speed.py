@@ -10,11 +10,13 @@ the ratios against float32 at batch 16, and each setting's score (bf16 moves a f
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars
 
 
 def main() -> None:
