@@ -10,7 +10,7 @@ import yaml
 from llama_lora.config import SEED_TARGETS, Config, load_config, preset_names
 from llama_lora.errors import ConfigError
 
-from .conftest import run_cli
+from .conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_bad_values_name_the_key(override, key):
 
 def test_cli_config_error_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", "peft.r=0", f"output.dir={out}")
+    result = run_in_process("train", "peft.r=0", f"output.dir={out}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "peft.r" in result.stderr and "Traceback" not in result.stderr
@@ -133,7 +133,7 @@ def test_cli_config_error_exits_2_and_writes_nothing(tmp_path):
 
 def test_cli_unknown_target_module_exits_2_and_writes_nothing(tmp_path, tiny_model_dir, alpaca_file):
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_in_process(
         "train",
         f"model.name={tiny_model_dir}",
         f"data.source={alpaca_file}",
@@ -146,7 +146,7 @@ def test_cli_unknown_target_module_exits_2_and_writes_nothing(tmp_path, tiny_mod
 
 
 def test_config_show_prints_resolved_yaml():
-    result = run_cli("config", "show", "--preset", "seed", "train.learning_rate=1e-4")
+    result = run_in_process("config", "show", "--preset", "seed", "train.learning_rate=1e-4")
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
     assert (
@@ -181,7 +181,7 @@ def test_auto_token_budget_depends_on_the_device():
 
 def test_cli_fp16_on_cpu_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", "train.device=cpu", "train.precision=fp16", f"output.dir={out}")
+    result = run_in_process("train", "train.device=cpu", "train.precision=fp16", f"output.dir={out}")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "train.precision" in result.stderr and "CUDA" in result.stderr and "Traceback" not in result.stderr

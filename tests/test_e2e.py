@@ -155,8 +155,8 @@ def test_the_whole_flow_through_the_cli_under_the_default_policy(tiny_model_dir,
 
 
 def test_verbose_shows_what_the_libraries_print(tiny_model_dir, tmp_path):
-    """The quiet default hides something real: reading a GGUF file back shows transformers' tqdm bar.
-    (Without `--verbose` the same export is checked quiet in the whole-flow test above.)"""
-    loud = run_cli("export", "gguf", str(tiny_model_dir), "--out", str(tmp_path / "m.gguf"), "--verbose")
+    """The quiet default hides something real: loading weights shows transformers' tqdm bar.
+    (Without `--verbose` the same commands are checked quiet in the whole-flow test above.)"""
+    loud = run_cli("infer", "--base", str(tiny_model_dir), "hi", "--max-new-tokens", "2", "--verbose")
     assert loud.returncode == 0, loud.stderr
     assert NOISE.search(loud.stderr), loud.stderr

@@ -11,7 +11,7 @@ from llama_lora import data, generate
 from llama_lora.config import load_config
 from llama_lora.train import train
 
-from .conftest import run_cli, tiny_overrides
+from .conftest import run_cli, run_in_process, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_merged_model_equals_adapter_and_loads_in_plain_transformers(runs, tmp_p
 
 def test_infer_adapter_and_merged_give_the_same_tokens(runs, tmp_path):
     merged_dir = tmp_path / "m"
-    assert run_cli("merge", str(runs["dora"]), "--out", str(merged_dir)).returncode == 0
+    assert run_in_process("merge", str(runs["dora"]), "--out", str(merged_dir)).returncode == 0
     settings = generate.GenerationSettings(max_new_tokens=10)
     messages = [{"role": "user", "content": "Count to 4."}]
     unmerged = generate.load(adapter=str(runs["dora"]), device="cpu", merge_in_memory=False)
@@ -87,15 +87,15 @@ def test_infer_adapter_and_merged_give_the_same_tokens(runs, tmp_path):
     assert generate.generate(folded, messages, settings).token_ids == reference
     assert generate.generate(merged, messages, settings).token_ids == reference
     common = ["Count to 4.", "--max-new-tokens", "10"]
-    via_adapter = run_cli("infer", "--adapter", str(runs["dora"]), *common)
-    via_merged = run_cli("infer", "--base", str(merged_dir), *common)
+    via_adapter = run_in_process("infer", "--adapter", str(runs["dora"]), *common)
+    via_merged = run_in_process("infer", "--base", str(merged_dir), *common)
     assert via_adapter.returncode == 0 and via_merged.returncode == 0, via_adapter.stderr + via_merged.stderr
     assert via_adapter.stdout == via_merged.stdout
 
 
 def test_stream_equals_plain_greedy_output(runs):
     args = ["infer", "--adapter", str(runs["lora"]), "Count to 5.", "--max-new-tokens", "16"]
-    plain, streamed = run_cli(*args), run_cli(*args, "--stream")
+    plain, streamed = run_in_process(*args), run_in_process(*args, "--stream")
     assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
     assert plain.stdout == streamed.stdout
 
@@ -138,19 +138,19 @@ def test_prompts_file_writes_jsonl(runs, tmp_path):
 
 
 def test_inference_errors_are_clear(runs, tmp_path, smollm2_dir):
-    missing = run_cli("infer", "--adapter", str(tmp_path / "nope"), "hi")
+    missing = run_in_process("infer", "--adapter", str(tmp_path / "nope"), "hi")
     assert missing.returncode == 2 and "adapter" in missing.stderr and "Traceback" not in missing.stderr
     bad_file = tmp_path / "bad.jsonl"
     bad_file.write_text("{not json\n")
-    unreadable = run_cli("infer", "--adapter", str(runs["lora"]), "--prompts-file", str(bad_file))
+    unreadable = run_in_process("infer", "--adapter", str(runs["lora"]), "--prompts-file", str(bad_file))
     assert unreadable.returncode == 2 and "line 1" in unreadable.stderr
-    other_base = run_cli("infer", "--adapter", str(runs["lora"]), "--base", str(smollm2_dir), "hi")
+    other_base = run_in_process("infer", "--adapter", str(runs["lora"]), "--base", str(smollm2_dir), "hi")
     assert other_base.returncode == 2 and "different base model" in other_base.stderr
     assert "Traceback" not in unreadable.stderr + other_base.stderr
 
 
 def test_compare_writes_reports(runs, tmp_path):
-    result = run_cli("compare", str(runs["lora"]), "--n", "3", "--max-new-tokens", "8")
+    result = run_in_process("compare", str(runs["lora"]), "--n", "3", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     report = json.loads((runs["lora"] / "compare.json").read_text())
     for side in ("base", "adapter_metrics"):

@@ -14,7 +14,7 @@ from llama_lora.config import load_config
 from llama_lora.errors import ConfigError
 from llama_lora.train import train
 
-from .conftest import run_cli, tiny_overrides
+from .conftest import run_cli, run_in_process, tiny_overrides
 
 
 class FakeSink:
@@ -266,11 +266,11 @@ def test_runs_cli_table_json_empty_and_missing(tmp_path):
     table = run_cli("runs", str(tmp_path / "runs"), env={"COLUMNS": "250"})
     assert table.returncode == 0, table.stderr
     assert "2.000 -> 1.500" in table.stdout and "1234" in table.stdout and "has checkpoints" in table.stdout
-    as_json = run_cli("runs", str(tmp_path / "runs"), "--json")
+    as_json = run_in_process("runs", str(tmp_path / "runs"), "--json")
     assert [r["run"] for r in json.loads(as_json.stdout)] == [str(a), str(b)]  # oldest first
 
     (tmp_path / "empty").mkdir()
-    empty = run_cli("runs", str(tmp_path / "empty"))
+    empty = run_in_process("runs", str(tmp_path / "empty"))
     assert empty.returncode == 0 and "no runs" in empty.stdout
-    missing = run_cli("runs", str(tmp_path / "nowhere"))
+    missing = run_in_process("runs", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nowhere" in missing.stderr

@@ -13,7 +13,7 @@ from llama_lora.build import make_optimizer
 from llama_lora.config import Config, load_config
 from llama_lora.train import train
 
-from .conftest import run_cli, tiny_overrides
+from .conftest import run_cli, run_in_process, tiny_overrides
 
 
 def _probe_batch(tokenizer):
@@ -190,7 +190,7 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir, alpaca_file):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = run_cli("train", *tiny_overrides(tiny_model_dir, alpaca_file, out))
+    result = run_in_process("train", *tiny_overrides(tiny_model_dir, alpaca_file, out))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
