@@ -107,20 +107,17 @@ def held_out_pairs(rows, loaded, dcfg, label):
 def preference_metrics(loaded, pair_examples, cfg: Config | None) -> dict[str, float]:
     """Held-out preference accuracy: how often the model gives the chosen answer a higher summed log-
     probability than the rejected one (no reference model), and the mean margin between them."""
-    from llama_lora.batching import plan_batches
     from llama_lora.preference import PreferenceObjective
 
     cfg = cfg or Config()
     objective = PreferenceObjective(loaded.model, "orpo", 0.1, 0.0, pad_id_for(loaded.tokenizer))
     objective.module.eval()
-    plan = plan_batches(
-        [len(p) for p in pair_examples], cfg.train.batch_size, batch_tokens(cfg, loaded.device), 0, False
-    )
     margins = []
-    for b in plan:
-        batch = objective.collate([pair_examples[i] for i in b])
+    for batch in objective.eval_batches(
+        pair_examples, cfg.train.batch_size, batch_tokens(cfg, loaded.device)
+    ):
         sums, _ = objective.module.logps(**{k: v.to(loaded.device) for k, v in batch.items()})
-        half = len(b)
+        half = sums.shape[0] // 2
         margins += (sums[:half] - sums[half:]).tolist()
     return {
         "preference_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),

@@ -69,6 +69,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None
 
 
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack and the lm_head of a causal LM (or of the one inside a PeftModel)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.model, causal_lm.get_output_embeddings()
+
+
 class ResponseLoss(nn.Module):
     """forward(input_ids, labels, attention_mask) -> (sum of token losses, number of labelled tokens).
 
@@ -83,8 +89,7 @@ class ResponseLoss(nn.Module):
         self.model = model  # a PeftModel (or plain causal LM)
 
     def _parts(self) -> tuple[nn.Module, nn.Module]:
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return causal_lm.model, causal_lm.get_output_embeddings()
+        return decoder_and_head(self.model)
 
     def forward(
         self,

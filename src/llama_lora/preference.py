@@ -175,11 +175,13 @@ class PreferenceLoss(torch.nn.Module):
         self.sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
 
     def logps(self, input_ids, labels, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = causal_lm.model(
+        from llama_lora.loss import decoder_and_head
+
+        decoder, lm_head = decoder_and_head(self.model)
+        hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        return sequence_logps_from_hidden(hidden, causal_lm.get_output_embeddings().weight, labels)
+        return sequence_logps_from_hidden(hidden, lm_head.weight, labels)
 
     def forward(self, input_ids, labels, attention_mask=None, ref_logps=None):
         sums, counts = self.logps(input_ids, labels, attention_mask)
@@ -241,10 +243,7 @@ class PreferenceObjective:
     def eval_batches(
         self, pairs, batch_size: int, max_batch_tokens: int | None
     ) -> list[dict[str, torch.Tensor]]:
-        from llama_lora.batching import plan_batches
-
-        plan = plan_batches([len(p) for p in pairs], batch_size, max_batch_tokens, seed=0, shuffle=False)
-        return [self.collate([pairs[i] for i in b]) for b in plan]
+        return [self.collate([pairs[i] for i in b]) for b in _fixed_plan(pairs, batch_size, max_batch_tokens)]
 
     def take_metrics(self, mode: str = "train") -> dict[str, float]:
         return self.module.take_metrics(mode)
@@ -254,14 +253,11 @@ class PreferenceObjective:
         """DPO's reference: each pair's summed log-probabilities under the model as it is now (before the
         first step: the base with a fresh adapter, or the adapter training starts from), in eval mode.
         Computed again identically on --resume, since `attach` runs before a checkpoint is restored."""
-        from llama_lora.batching import plan_batches
-
         if self.kind != "dpo" or not pairs:
             return
         was_training = self.module.training
         self.module.eval()
-        plan = plan_batches([len(p) for p in pairs], batch_size, max_batch_tokens, seed=0, shuffle=False)
-        for b in plan:
+        for b in _fixed_plan(pairs, batch_size, max_batch_tokens):
             chosen = [pairs[i] for i in b]
             batch = self.collate(chosen, with_reference=False)
             sums, _ = self.module.logps(**{k: v.to(device) for k, v in batch.items()})
@@ -269,3 +265,10 @@ class PreferenceObjective:
             for k, pair in enumerate(chosen):
                 pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])
         self.module.train(was_training)
+
+
+def _fixed_plan(pairs, batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Pairs in a fixed order (the unshuffled plan, seed 0), as evaluation batches them."""
+    from llama_lora.batching import plan_batches
+
+    return plan_batches([len(p) for p in pairs], batch_size, max_batch_tokens, seed=0, shuffle=False)
