@@ -110,3 +110,44 @@ def test_packed_batch_with_gradient_checkpointing() -> None:
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for k in ref:
         assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
+
+
+def test_packed_pairs_match_padded_pairs_in_dpo() -> None:
+    """A preference batch packed (both answers of both pairs in one sequence) gives the padded batch's summed
+    log-probs, counts, DPO loss and adapter gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from llama_lora.pairs import PairExample
+    from llama_lora.preference import PreferenceObjective
+
+    exs = _examples()
+    pairs = [PairExample(exs[0], exs[1], -30.0, -41.0), PairExample(exs[2], exs[3], -9.0, -25.0)]
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    padded_obj = PreferenceObjective(peft_model, "dpo", 0.1, 0.0, pad_id=0)
+    packed_obj = PreferenceObjective(peft_model, "dpo", 0.1, 0.0, pad_id=0, packed=True)
+
+    def run(obj):
+        peft_model.zero_grad()
+        batch = obj.collate(pairs)
+        sums, counts = obj.module.logps(**{k: v for k, v in batch.items() if k != "ref_logps"})
+        loss, n = obj.module.train()(**batch)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in peft_model.named_parameters() if p.grad is not None}
+        return sums.detach(), counts, loss.detach(), n, grads
+
+    want = run(padded_obj)
+    packing.enable(model)
+    got = run(packed_obj)
+    assert "position_ids" in packed_obj.collate(pairs)
+    assert torch.equal(got[1], want[1]) and got[1].tolist() == [4, 2, 6, 5]
+    assert torch.allclose(got[0], want[0], rtol=1e-5) and torch.allclose(got[2], want[2], rtol=1e-5)
+    assert got[3] == want[3] == 2
+    assert set(got[4]) == set(want[4]) and len(want[4]) == 2 * 2 * 2
+    for k in want[4]:
+        assert (got[4][k] - want[4][k]).norm() <= 1e-5 * want[4][k].norm(), k

@@ -240,10 +240,13 @@ def test_sequence_logps_from_hidden_matches_logits():
     labels = torch.randint(0, 40, (2, 9), generator=g)
     labels[:, :4] = IGNORE
     want, want_n = sequence_logps(hidden @ weight.T, labels)
-    (want_grad,) = torch.autograd.grad(want.sum(), hidden)
-    got, n = sequence_logps_from_hidden(hidden, weight, labels, chunk=3)
-    (grad,) = torch.autograd.grad(got.sum(), hidden)
-    assert torch.equal(n, want_n) and _maxdiff(got, want) < TOL and _maxdiff(grad, want_grad) < TOL
+    upstream = torch.tensor([0.7, -1.3])  # per-row gradients, as DPO's loss sends them
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), hidden)
+    for trainable in (False, True):  # a frozen head (LinearLogProbs) and a trainable one (checkpointed)
+        w = weight.clone().requires_grad_(trainable)
+        got, n = sequence_logps_from_hidden(hidden, w, labels, chunk=3)
+        (grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+        assert torch.equal(n, want_n) and _maxdiff(got, want) < TOL and _maxdiff(grad, want_grad) < TOL
 
 
 # Two pairs of (prompt, chosen, rejected) token ids of different lengths, right-padded with pad id 0.

@@ -10,6 +10,7 @@ an A/B exactly as training does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,12 +235,18 @@ def attach(loaded: Loaded, processes: int = 1, initial_dir: Path | None = None, 
         objective = ResponseObjective(
             peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad
         )
-    else:  # pairs are padded batches: packing keeps no row boundaries for per-sequence sums (yet)
+    else:
         t = cfg.train
-        objective = PreferenceObjective(peft_model, t.objective, t.beta, t.label_smoothing, pad)
+        objective = PreferenceObjective(
+            peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
+        )
         device = next(p for p in peft_model.parameters()).device
         dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
-        with torch.autocast(device.type, dtype=dtype, enabled=s.autocast):  # as the training steps run
+        # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's
+        # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
+        fresh = start_adapter(cfg) is None and cfg.peft.init_lora_weights in (True, "gaussian")
+        adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
+        with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
             for examples in (loaded.ds.train, loaded.ds.eval):
                 objective.precompute_reference(examples, t.batch_size, s.batch_tokens, device)
     params = [p for p in objective.module.parameters() if p.requires_grad]

@@ -38,11 +38,10 @@ class FastPath:
         """``train.fused`` (auto: on for the CPU, where it was measured) and ``train.packing`` (auto: as fused).
 
         Grouped k/v heads go with the fused layers on the CPU, as before the key existed. Preference
-        objectives take padded batches (their per-answer sums need each row's own positions): no packing.
+        objectives pack too (both answers of every pair of a micro-batch in one sequence, sums taken per row).
         """
         on = device == "cpu" if tcfg.fused == "auto" else bool(tcfg.fused)
         packed = on if tcfg.packing == "auto" else bool(tcfg.packing)
-        packed = packed and tcfg.objective == "sft"
         return cls(fused=on, packing=packed, grouped_kv=on and device == "cpu")
 
     def install(self, peft_model, model, layers: ModuleType = fused) -> None:

@@ -36,34 +36,83 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class LinearLogProbs(torch.autograd.Function):
+    """log softmax(h_i @ W^T)[y_i] per position for a frozen W, with d/dh computed in the forward pass.
+
+    The gradient of one token's log-probability with respect to its hidden state is known as soon as its
+    logits are: W[y] - softmax @ W. It is computed chunk by chunk and kept (n x hidden, the hidden states'
+    dtype); backward only scales it by each token's incoming gradient. Against checkpointing each chunk (see
+    loss.LinearCrossEntropy for the same trick on the SFT loss) this saves one lm_head matmul per token and
+    the log-softmax backward. Logits are formed in the matmul's dtype, log-probabilities taken in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        need_grad = ctx.needs_input_grad[0]
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if need_grad else None
+        for start in range(0, h.shape[0], chunk):
+            y = targets[start : start + chunk]
+            logits = F.linear(h[start : start + chunk], weight).float()
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # one exp serves the log-sum-exp and the softmax
+            sums = e.sum(dim=-1, keepdim=True)
+            out[start : start + chunk] = picked - sums.log().add_(top).squeeze(1)
+            if need_grad:
+                minus = e.div_(sums).neg_()  # d logp / d logits = onehot - softmax
+                minus[torch.arange(y.shape[0], device=y.device), y] += 1.0
+                grad[start : start + chunk] = minus.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None
+
+
 def sequence_logps_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = HIDDEN_CHUNK
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = HIDDEN_CHUNK,
+    row_ids: torch.Tensor | None = None,
+    n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` from the decoder's last hidden states and the lm_head weight, without full logits.
 
-    Only labelled positions go through the head, `chunk` at a time, each chunk checkpointed so that at most one
-    chunk of logits is alive in forward and in backward (preference batches hold chosen and rejected rows, so
-    full-vocabulary logits are twice an SFT batch's).
+    Only labelled positions go through the head, `chunk` at a time, so that at most one chunk of logits is
+    alive (preference batches hold chosen and rejected rows, so full-vocabulary logits are twice an SFT
+    batch's): through `LinearLogProbs` for a frozen head, else each chunk checkpointed. A packed batch
+    (packing.collate_packed: hidden 1 x N) gives `row_ids`, the row of each of its N tokens, and `n_rows`.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    rows = mask.nonzero()[:, 0]
+    if row_ids is None:
+        rows, n_rows = mask.nonzero()[:, 0], labels.size(0)
+    else:
+        rows = row_ids[1:][mask[0]]
     picked_hidden, picked_targets = hidden[:, :-1][mask], targets[mask]
-    parts = [
-        checkpoint(
-            _chunk_logps,
-            picked_hidden[i : i + chunk],
-            weight,
-            picked_targets[i : i + chunk],
-            use_reentrant=False,
-        )
-        for i in range(0, picked_targets.numel(), chunk)
-    ]
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=hidden.device).index_add(
-        0, rows, token_logps
+    if not weight.requires_grad:
+        token_logps = LinearLogProbs.apply(picked_hidden, weight, picked_targets, chunk)
+    else:
+        parts = [
+            checkpoint(
+                _chunk_logps,
+                picked_hidden[i : i + chunk],
+                weight,
+                picked_targets[i : i + chunk],
+                use_reentrant=False,
+            )
+            for i in range(0, picked_targets.numel(), chunk)
+        ]
+        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    counts = torch.zeros(n_rows, dtype=torch.long, device=hidden.device).index_add(
+        0, rows, torch.ones_like(rows)
     )
-    return sums, mask.sum(-1)
+    return sums, counts
 
 
 def dpo_loss(
@@ -174,17 +223,24 @@ class PreferenceLoss(torch.nn.Module):
         self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
         self.sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
 
-    def logps(self, input_ids, labels, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, input_ids, labels, attention_mask=None, **packed) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs and response token counts per row (chosen rows, then rejected).
+        `packed`: position_ids and llama_lora_rows of a packed batch (packing.collate_packed)."""
         from llama_lora.loss import decoder_and_head
 
         decoder, lm_head = decoder_and_head(self.model)
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed
         ).last_hidden_state
-        return sequence_logps_from_hidden(hidden, lm_head.weight, labels)
+        rows = packed.get("llama_lora_rows")
+        if rows is None:
+            return sequence_logps_from_hidden(hidden, lm_head.weight, labels)
+        return sequence_logps_from_hidden(
+            hidden, lm_head.weight, labels, row_ids=rows.slots // rows.width, n_rows=rows.rows
+        )
 
-    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None):
-        sums, counts = self.logps(input_ids, labels, attention_mask)
+    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None, **packed):
+        sums, counts = self.logps(input_ids, labels, attention_mask, **packed)
         n = sums.shape[0] // 2
         if self.kind == "dpo":
             ref = ref_logps.float()
@@ -221,16 +277,28 @@ class PreferenceLoss(torch.nn.Module):
 
 class PreferenceObjective:
     """DPO or ORPO as the trainer takes an objective (see loss.ResponseObjective): `module`, `collate`
-    (pairs -> one batch, chosen rows first), `units` (a pair) and `eval_batches`."""
+    (pairs -> one batch, chosen rows first), `units` (a pair) and `eval_batches`. With `packed` (the fast
+    path's packing) a batch's 2n answers are packed into one sequence, attention kept per row, and the sums
+    are taken per row; otherwise they are a right-padded batch."""
 
-    def __init__(self, model: torch.nn.Module, kind: str, beta: float, label_smoothing: float, pad_id: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kind: str,
+        beta: float,
+        label_smoothing: float,
+        pad_id: int,
+        packed: bool = False,
+    ):
         self.module = PreferenceLoss(model, kind, beta, label_smoothing)
-        self.kind, self.pad_id = kind, pad_id
+        self.kind, self.pad_id, self.packed = kind, pad_id, packed
 
     def collate(self, pairs, with_reference: bool = True) -> dict[str, torch.Tensor]:
         from llama_lora.batching import collate
+        from llama_lora.packing import collate_packed
 
-        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id)
+        rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        batch = collate_packed(rows) if self.packed else collate(rows, self.pad_id)
         if self.kind == "dpo" and with_reference:
             refs = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
             batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
