@@ -136,3 +136,19 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     does not depend on being a separate process (errors, reports, listings)."""
     code, out, err = cli_in_process(*args)
     return subprocess.CompletedProcess(["llama-lora", *args], code, out, err)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    """20 preference pairs (prompt, chosen, rejected) as JSONL."""
+    rows = [
+        {
+            "prompt": f"What is {i} plus one?",
+            "chosen": f"{i} plus one is {i + 1}.",
+            "rejected": f"I do not like numbers like {i}.",
+        }
+        for i in range(20)
+    ]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -12,21 +12,6 @@ from safetensors.torch import load_file
 from tests.conftest import cli_in_process, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "prompt": f"What is {i} plus one?",
-            "chosen": f"{i} plus one is {i + 1}.",
-            "rejected": f"I do not like numbers like {i}.",
-        }
-        for i in range(20)
-    ]
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

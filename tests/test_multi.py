@@ -119,7 +119,9 @@ def test_load_in_4bit_off_cuda_is_a_clear_config_error(tmp_path, tiny_model_dir,
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_set_ups_are_refused_with_a_pointer_to_the_docs(kind):
+def test_unsupported_set_ups_are_refused_with_a_pointer_to_the_docs(kind):
+    """DeepSpeed and FSDP version 1 are refused; an accelerate config with FSDP version 2 shards the run
+    (train.sharding: fsdp), plain data parallel runs as it is."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -127,9 +129,12 @@ def test_sharded_set_ups_are_refused_with_a_pointer_to_the_docs(kind):
     from llama_lora import parallel
 
     with pytest.raises(parallel.ParallelError, match="docs/multi_gpu.md") as caught:
-        parallel.check_supported(SimpleNamespace(distributed_type=DistributedType[kind]))
+        parallel.check_supported(SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=False))
     assert caught.value.exit_code == 2
-    parallel.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    assert ("version 1" in str(caught.value)) == (kind == "FSDP")
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    assert parallel.check_supported(fsdp2) is True
+    assert parallel.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) is False
 
 
 def test_every_process_joins_every_all_reduce_even_in_a_short_last_step():

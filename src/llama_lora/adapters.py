@@ -122,9 +122,12 @@ def keep_input_dtype(peft_model) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def save_adapter(peft_model, target: Path, tokenizer=None, initial_dir: Path | None = None) -> None:
-    """Write PEFT format (adapter_config.json + adapter_model.safetensors) and the tokenizer into `target`."""
-    kwargs = {}
+def save_adapter(
+    peft_model, target: Path, tokenizer=None, initial_dir: Path | None = None, state_dict=None
+) -> None:
+    """Write PEFT format (adapter_config.json + adapter_model.safetensors) and the tokenizer into `target`.
+    `state_dict`: the adapter's full tensors where the model holds only shards (sharding.adapter_state)."""
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
     if initial_dir is not None:
         kwargs["path_initial_model_for_weight_conversion"] = str(initial_dir)
     peft_model.save_pretrained(str(target), safe_serialization=True, **kwargs)

@@ -132,7 +132,9 @@ def load_base(cfg: Config, precision: str, ref: models.ModelRef):
     """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
     if cfg.model.load_in_4bit:
         compute = torch.float16 if precision == "fp16" else torch.bfloat16
-        return models.load_model_4bit(cfg.model, compute, ref)
+        # sharded (QLoRA + FSDP): the packed 4-bit weights stored as `compute` elements, which FSDP can split
+        storage = compute if cfg.train.sharding == "fsdp" else None
+        return models.load_model_4bit(cfg.model, compute, ref, quant_storage=storage)
     return models.load_model(cfg.model, models.storage_dtype(cfg.model, precision), ref)
 
 
@@ -213,9 +215,16 @@ class Setup:
     initial_dir: Path | None  # PiSSA/OLoRA: the initial adapter, needed again when saving
 
 
-def attach(loaded: Loaded, processes: int = 1, initial_dir: Path | None = None, layers=fused) -> Setup:
+def attach(
+    loaded: Loaded,
+    processes: int = 1,
+    initial_dir: Path | None = None,
+    layers=fused,
+    sharded: bool = False,
+) -> Setup:
     """Adapter, fast path, objective, optimizer, step plan and schedule on `loaded`'s base. `layers`: the
-    fused-projection module (bench/paired_steps.py swaps in another version of fused.py)."""
+    fused-projection module (bench/paired_steps.py swaps in another version of fused.py). `sharded`: FSDP2
+    over the launch's processes (sharding.py), applied before DPO's reference pass and the optimizer."""
     from transformers import get_scheduler
 
     cfg, s = loaded.cfg, loaded.settings
@@ -240,6 +249,13 @@ def attach(loaded: Loaded, processes: int = 1, initial_dir: Path | None = None, 
         objective = PreferenceObjective(
             peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
         )
+    if sharded:
+        from llama_lora import sharding
+        from llama_lora.loss import decoder_and_head
+
+        sharding.shard(objective.module, decoder_and_head(peft_model)[0].layers, torch.device(s.device))
+    if cfg.train.objective != "sft":
+        t = cfg.train
         device = next(p for p in peft_model.parameters()).device
         dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
         # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's

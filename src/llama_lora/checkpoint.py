@@ -46,8 +46,9 @@ class CheckpointError(LlamaLoraError):
 # ------------------------------------------------------------------------------------------- saving
 
 
-def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def optimizer_tensors(optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """`optimizer.state_dict()` (or `state`, a sharded run's gathered one) as tensors plus JSON."""
+    state = optimizer.state_dict() if state is None else state
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for index, slots in state["state"].items():
@@ -81,14 +82,17 @@ def save(
     counters: dict[str, Any],
     scaler=None,
     other_ranks_rng: dict[str, torch.Tensor] | None = None,
+    gathered: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically. `counters` are the loop's running totals (tokens, time, ...);
-    `scaler` is the fp16 loss scaler, if any; `other_ranks_rng` from parallel.rng_states."""
+    `scaler` is the fp16 loss scaler, if any; `other_ranks_rng` from parallel.rng_states; `gathered`: a
+    sharded run's full adapter and optimizer state (sharding.adapter_state, sharding.optimizer_state)."""
     target = run / "checkpoints" / f"checkpoint-{step}"
+    adapter_state, optimizer_state = gathered or (None, None)
     with run_dir.atomic_dir(target) as tmp:
         # the raw (unconverted) adapter: resuming continues from exactly this state
-        peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        tensors, meta = optimizer_tensors(optimizer)
+        peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, state_dict=adapter_state)
+        tensors, meta = optimizer_tensors(optimizer, optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         rng, meta["rng"] = rng_tensors()
         rng.update(other_ranks_rng or {})
@@ -160,8 +164,9 @@ def resume_point(run: Path, resume: str | None, config: dict[str, Any]) -> Path 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_optimizer(path: Path, optimizer, meta: dict[str, Any]) -> None:
-    """Rebuild the optimizer state dict from optimizer.safetensors + JSON (no pickle) and load it."""
+def load_optimizer(path: Path, optimizer, meta: dict[str, Any], sharded: bool = False) -> None:
+    """Rebuild the optimizer state dict from optimizer.safetensors + JSON (no pickle) and load it
+    (`sharded`: each process keeps its shard of every state tensor)."""
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in load_file(str(path / "optimizer.safetensors")).items():
         index, name = key.split(".", 1)
@@ -169,6 +174,10 @@ def load_optimizer(path: Path, optimizer, meta: dict[str, Any]) -> None:
     for index, slots in meta["scalars"].items():
         state.setdefault(int(index), {}).update(slots)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    if sharded:
+        from llama_lora import sharding
+
+        state = sharding.shard_optimizer_state(optimizer, state)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -185,7 +194,14 @@ def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
 
 
 def load(
-    path: Path, peft_model, optimizer, scheduler, scaler=None, rank: int = 0, device=None
+    path: Path,
+    peft_model,
+    optimizer,
+    scheduler,
+    scaler=None,
+    rank: int = 0,
+    device=None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and RNG from checkpoint `path`; returns step and counters.
     In a data-parallel run every process loads the same files; process `rank` (on `device`) then takes
@@ -197,12 +213,15 @@ def load(
 
     meta = json.loads((path / STATE_FILE).read_text())
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(peft_model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise CheckpointError(
-            f"--resume: {path} holds weights this adapter lacks: {result.unexpected_keys[0]}"
-        )
-    load_optimizer(path, optimizer, meta)
+    if sharded:
+        from llama_lora import sharding
+
+        unexpected = sharding.load_adapter_state(peft_model, weights)
+    else:
+        unexpected = getattr(set_peft_model_state_dict(peft_model, weights), "unexpected_keys", None)
+    if unexpected:
+        raise CheckpointError(f"--resume: {path} holds weights this adapter lacks: {unexpected[0]}")
+    load_optimizer(path, optimizer, meta, sharded)
     scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])

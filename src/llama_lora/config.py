@@ -147,6 +147,10 @@ class TrainConfig(Section):
     packing: bool | Literal["auto"] = "auto"
     """Train on padding-free micro-batches: the rows packed into one sequence, attention kept within each row
     (docs/fused.md). Same loss and gradients as padded batches. `auto` = on exactly when `fused` is on."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """`fsdp`: shard the frozen base and the adapter over the processes of a torchrun launch with FSDP2, each
+    process keeping about 1/N of the base (docs/multi_gpu.md); the CPU fast path is off then. `none`: every
+    process keeps a whole copy (data parallel)."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """fp16 needs CUDA; checked by models.resolve_precision, where the device (`auto` too) is known."""

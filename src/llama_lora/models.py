@@ -304,10 +304,16 @@ def check_load_in_4bit(mcfg: ModelConfig, device: str) -> None:
         )
 
 
-def load_model_4bit(mcfg: ModelConfig, compute_dtype: torch.dtype, ref: ModelRef | None = None):
+def load_model_4bit(
+    mcfg: ModelConfig,
+    compute_dtype: torch.dtype,
+    ref: ModelRef | None = None,
+    quant_storage: torch.dtype | None = None,
+):
     """The base model quantized to 4-bit NF4 (double-quantized) on this process's GPU, made ready for
     k-bit training. Only `train` loads in 4-bit; `merge`, `infer` and `export` load the float base.
-    Gradient checkpointing is left to the caller, as for a float base."""
+    Gradient checkpointing is left to the caller, as for a float base. `quant_storage`: the element dtype
+    the packed 4-bit weights are stored in (bitsandbytes' default uint8; a float dtype for FSDP sharding)."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -317,6 +323,7 @@ def load_model_4bit(mcfg: ModelConfig, compute_dtype: torch.dtype, ref: ModelRef
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
     model = load_model(
         mcfg,

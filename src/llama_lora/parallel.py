@@ -24,20 +24,31 @@ class ParallelError(LlamaLoraError):
     pass
 
 
-# Sharded set-ups: the adapter, optimizer state and eval would need gathering that this loop does not do.
+# Set-ups the loop does not run: DeepSpeed's engines and the others own the model and optimizer; FSDP version 1
+# wraps the model in flat parameters. FSDP version 2 is `train.sharding: fsdp` (sharding.py).
 UNSUPPORTED = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM", "XLA": "XLA/TPU"}
 
 
-def check_supported(accelerator) -> None:
-    """Plain data parallel (DDP, one process or many) only; say so before any slow work."""
+def check_supported(accelerator) -> bool:
+    """Data parallel (one process or many) or FSDP version 2; say so before any slow work. True when the
+    accelerate config asks for FSDP version 2 (the run is then sharded as with `train.sharding: fsdp`)."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind == "FSDP":
+        if getattr(accelerator, "is_fsdp2", False):
+            return True
+        raise ParallelError(
+            "accelerate config: FSDP version 1 is not supported by llama-lora's training loop; set "
+            "fsdp_version: 2 in the accelerate config (or use torchrun with train.sharding: fsdp). "
+            "See docs/multi_gpu.md"
+        )
     if kind in UNSUPPORTED:
         raise ParallelError(
             f"accelerate config: {UNSUPPORTED[kind]} is not supported by llama-lora's training loop (it "
-            "would save sharded adapters and optimizer state); use plain data parallel (distributed_type: "
-            "MULTI_GPU, or torchrun), and model.load_in_4bit: true for a base that does not fit one GPU. "
-            "See docs/multi_gpu.md"
+            "owns the model and optimizer); use data parallel (distributed_type: MULTI_GPU, or torchrun) or "
+            "FSDP version 2 (train.sharding: fsdp), and model.load_in_4bit: true for a base that does not "
+            "fit one GPU. See docs/multi_gpu.md"
         )
+    return False
 
 
 def my_share(group: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:

@@ -239,8 +239,12 @@ class PreferenceLoss(torch.nn.Module):
             hidden, lm_head.weight, labels, row_ids=rows.slots // rows.width, n_rows=rows.rows
         )
 
-    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None, **packed):
+    def forward(self, input_ids, labels, attention_mask=None, ref_logps=None, logps_only=False, **packed):
+        """The summed pair losses and the pair count; with `logps_only`, `logps` (through forward, so that
+        a sharded model gathers its weights for it)."""
         sums, counts = self.logps(input_ids, labels, attention_mask, **packed)
+        if logps_only:
+            return sums, counts
         n = sums.shape[0] // 2
         if self.kind == "dpo":
             ref = ref_logps.float()
@@ -328,7 +332,7 @@ class PreferenceObjective:
         for b in _fixed_plan(pairs, batch_size, max_batch_tokens):
             chosen = [pairs[i] for i in b]
             batch = self.collate(chosen, with_reference=False)
-            sums, _ = self.module.logps(**{k: v.to(device) for k, v in batch.items()})
+            sums, _ = self.module(**{k: v.to(device) for k, v in batch.items()}, logps_only=True)
             n = len(chosen)
             for k, pair in enumerate(chosen):
                 pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])

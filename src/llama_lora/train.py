@@ -13,6 +13,7 @@ step's micro-batches (see parallel.py); only the main process writes the run dir
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import shutil
@@ -117,6 +118,19 @@ def build_accelerator(device: str, precision: str):
     return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
 
 
+def gather_peaks(accelerator, device: str, model) -> list[dict[str, float]]:
+    """`peak_memory_mb` of every process, in rank order (every process takes part), with the megabytes of
+    model parameters the process holds (a sharded run: its shards)."""
+    from llama_lora.sharding import local_bytes
+
+    mine = {**peak_memory_mb(device), "parameters_mb": round(local_bytes(model) / 2**20, 2)}
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return gather_object([mine])
+
+
 def peak_memory_mb(device: str) -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
@@ -131,16 +145,20 @@ class Run:
     """One training run in progress: the built setup, the accelerator, the run directory and the metrics.
     `step` is one optimizer step; `loop` runs the steps; `evaluate`, `save_checkpoint` serve both."""
 
-    def __init__(self, setup: build.Setup, accelerator, run: Path, quiet: bool, log):
+    def __init__(self, setup: build.Setup, accelerator, run: Path, quiet: bool, log, sharded: bool = False):
         self.setup, self.cfg, self.ds = setup, setup.loaded.cfg, setup.loaded.ds
-        self.accelerator, self.run = accelerator, run
+        self.accelerator, self.run, self.sharded = accelerator, run, sharded
         self.main, self.rank = accelerator.is_main_process, accelerator.process_index
         self.world = accelerator.num_processes
         self.quiet, self.say = quiet, (lambda *a: None) if quiet or not self.main else log
-        # a 4-bit model already sits on its GPU and cannot be moved
-        self.module, self.optimizer = accelerator.prepare(
-            setup.objective.module, setup.optimizer, device_placement=[not self.cfg.model.load_in_4bit, True]
-        )
+        if sharded:  # FSDP2 placed and wrapped the model already (sharding.py); no DDP, no wrapper
+            self.module, self.optimizer = setup.objective.module, setup.optimizer
+        else:  # a 4-bit model already sits on its GPU and cannot be moved
+            self.module, self.optimizer = accelerator.prepare(
+                setup.objective.module,
+                setup.optimizer,
+                device_placement=[not self.cfg.model.load_in_4bit, True],
+            )
         self.eval_module = accelerator.unwrap_model(self.module)  # evaluation needs no gradient sync
         self.units = [setup.objective.units(e) for e in self.ds.train]
         tcfg, budget = self.cfg.train, setup.loaded.settings.batch_tokens
@@ -153,17 +171,32 @@ class Run:
         if not self.eval_batches:
             return None
         mine = self.eval_batches[self.rank :: self.world]
-        total, count = parallel.sum_across(
-            self.accelerator, *eval_sums(self.eval_module, mine, self.accelerator.device)
-        )
+        acc = self.accelerator
+        with acc.autocast() if self.sharded else contextlib.nullcontext():
+            if self.sharded:  # every forward gathers weights from all processes: all run as many
+                spare = -(-len(self.eval_batches) // self.world) - len(mine)
+                if spare:
+                    eval_sums(self.eval_module, self.eval_batches[:1] * spare, acc.device)
+                    self.setup.objective.take_metrics("eval")  # what the spare forwards measured: dropped
+            sums = eval_sums(self.eval_module, mine, acc.device)
+        total, count = parallel.sum_across(acc, *sums)
         return total / max(count, 1)
 
     def eval_extras(self) -> dict[str, float]:
         """What the objective measured during the last evaluation besides the loss (DPO: rewards)."""
         return self.setup.objective.take_metrics("eval")
 
+    def gathered(self) -> tuple[dict, dict] | None:
+        """A sharded run's full adapter and optimizer state (every process takes part); None otherwise."""
+        if not self.sharded:
+            return None
+        from llama_lora import sharding
+
+        return sharding.adapter_state(self.setup.peft_model), sharding.optimizer_state(self.optimizer)
+
     def save_checkpoint(self, step: int) -> Path:
         other_rng = parallel.rng_states(self.accelerator)  # every process takes part
+        gathered = self.gathered()
         if self.main:
             s = self.setup
             state = (
@@ -173,7 +206,7 @@ class Run:
                 asdict(self.counters),
                 self.accelerator.scaler,
             )
-            checkpoint.save(self.run, step, *state, other_rng)
+            checkpoint.save(self.run, step, *state, other_rng, gathered)
             run_dir.prune_checkpoints(self.run, self.cfg.train.save_total_limit)
         self.accelerator.wait_for_everyone()
         return self.run / "checkpoints" / f"checkpoint-{step}"
@@ -195,7 +228,14 @@ class Run:
         Returns the step it covers and the eval loss before training."""
         s, acc = self.setup, self.accelerator
         restored = checkpoint.load(
-            start_from, s.peft_model, self.optimizer, s.scheduler, acc.scaler, self.rank, acc.device
+            start_from,
+            s.peft_model,
+            self.optimizer,
+            s.scheduler,
+            acc.scaler,
+            self.rank,
+            acc.device,
+            sharded=self.sharded,
         )
         first, self.counters = restored["step"], Counters(**restored["counters"])
         if self.counters.processes != self.world:
@@ -230,10 +270,17 @@ class Run:
         loss = 0.0
         for slot, (b, weight) in enumerate(share):
             batch = {k: v.to(acc.device) for k, v in s.objective.collate([rows[i] for i in b]).items()}
-            with parallel.sync_unless_last(acc, self.module, last=slot == len(share) - 1):
-                loss_sum, _ = self.module(**batch)
-                # DDP averages gradients over processes; x world makes it the group's sum / units
-                acc.backward(loss_sum * (weight * self.world) / units)
+            last = slot == len(share) - 1
+            if self.sharded:  # FSDP2 reduce-scatters on the last micro-batch only, averaging as DDP does
+                self.module.set_requires_gradient_sync(last)
+                with acc.autocast():  # what accelerate's prepare() wraps an unsharded forward in
+                    loss_sum, _ = self.module(**batch)
+                (loss_sum * (weight * self.world) / units).backward()
+            else:
+                with parallel.sync_unless_last(acc, self.module, last=last):
+                    loss_sum, _ = self.module(**batch)
+                    # DDP averages gradients over processes; x world makes it the group's sum / units
+                    acc.backward(loss_sum * (weight * self.world) / units)
             loss += weight * float(loss_sum.detach())
         loss, stop = parallel.sum_across(acc, loss, float(interrupt.requested))
         if not math.isfinite(loss):
@@ -243,7 +290,9 @@ class Run:
                 f"training loss became {loss} at step {number}; stopped ({kept}). "
                 "Lower train.learning_rate or check the data."
             )
-        if self.cfg.train.max_grad_norm:
+        if self.cfg.train.max_grad_norm and self.sharded:  # the norm of sharded gradients: torch's own
+            torch.nn.utils.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
+        elif self.cfg.train.max_grad_norm:
             acc.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         s.scheduler.step()
@@ -294,9 +343,19 @@ class Run:
         )
         self.metrics.close()
         s.fast.uninstall(s.peft_model, loaded.model)  # what is saved and returned is plain PEFT
+        full = self.gathered()
+        if self.sharded:  # FSDP2 keeps the root group (embedding, lm_head) gathered after a forward
+            self.module.reshard()
+        self.peaks = gather_peaks(self.accelerator, self.setup.loaded.settings.device, s.peft_model)
         if self.main:
             with run_dir.atomic_dir(self.run / "adapter") as tmp:
-                adapters.save_adapter(s.peft_model, tmp, loaded.tokenizer, initial_dir=s.initial_dir)
+                adapters.save_adapter(
+                    s.peft_model,
+                    tmp,
+                    loaded.tokenizer,
+                    initial_dir=s.initial_dir,
+                    state_dict=full[0] if full else None,
+                )
                 meta.write_meta(tmp, self.cfg.model_dump(mode="json"), loaded.ds.template, loaded.fingerprint)
         self.accelerator.wait_for_everyone()
         if s.initial_dir is not None:
@@ -331,6 +390,7 @@ class Run:
             "train_tokens": c.tokens_seen,  # all processes together, as is tokens_per_second
             "tokens_per_second": round(c.tokens_seen / c.train_time, 2) if c.train_time else None,
             "processes": self.world,
+            "sharding": "fsdp" if self.sharded else "none",
             "device": st.device,
             "precision": st.precision,
             "load_in_4bit": cfg.model.load_in_4bit,
@@ -340,6 +400,7 @@ class Run:
             "settings": st.as_dict(),
             "torch": torch.__version__,  # the CUDA build costs more resident memory on a CPU (docs/memory.md)
             **peak_memory_mb(st.device),  # of the main process
+            "peak_memory_per_process": getattr(self, "peaks", None),
             "finished_at": run_dir.timestamp(),
         }
 
@@ -350,7 +411,9 @@ def _model_line(setup: build.Setup, world: int) -> str:
     return (
         f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}"
-        f"{', 4-bit base' if cfg.model.load_in_4bit else ''})" + (f", {world} processes" if world > 1 else "")
+        f"{', 4-bit base' if cfg.model.load_in_4bit else ''})"
+        + (f", {world} processes" if world > 1 else "")
+        + (", sharded (FSDP2)" if world > 1 and cfg.train.sharding == "fsdp" else "")
     )
 
 
@@ -366,9 +429,17 @@ def train(
     models.check_load_in_4bit(cfg.model, device)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
     accelerator = build_accelerator(device, precision)
-    parallel.check_supported(accelerator)
+    if parallel.check_supported(accelerator):  # accelerate's FSDP version 2 config
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sharding": "fsdp"})})
     main, world = accelerator.is_main_process, accelerator.num_processes
     say = (lambda *a: None) if quiet or not main else log
+    sharded = cfg.train.sharding == "fsdp" and world > 1
+    if cfg.train.sharding == "fsdp":
+        from llama_lora import sharding
+
+        sharding.check(cfg, device)
+        if not sharded:
+            say("train.sharding: fsdp with one process: nothing to shard, training unsharded")
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
 
     loaded = build.load(cfg, device_precision=(device, precision))
@@ -388,11 +459,11 @@ def train(
         initial = (
             run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
         ) / "adapter_init"
-    setup = build.attach(loaded, world, initial)
+    setup = build.attach(loaded, world, initial, sharded=sharded)
     say(_model_line(setup, world))
     say(loaded.settings.describe())
 
-    training = Run(setup, accelerator, run, quiet, log)
+    training = Run(setup, accelerator, run, quiet, log, sharded=sharded)
     if start_from is None:
         first, eval_before = 0, training.start()
     else:
