@@ -1,7 +1,7 @@
 """Training speed and memory, side by side in one run.
 
     python bench/train_speed.py [--quick] [--rows N] [--repeat N] [--data rows.json] [--out bench/results.json]
-                                [--model random-llama-3.2-1b]
+                                [--model random-llama-3.2-1b] [--recipes dora,lora,seed,trl]
 
 Trains SmolLM2-135M-Instruct (the embedded model; or, with --model random-llama-3.2-1b, a random-weight model
 with Llama-3.2-1B's exact architecture and SmolLM2's tokenizer, a fair stand-in for the gated model on a GPU) on
@@ -13,8 +13,15 @@ the same Alpaca rows three ways, each in its own process so that peak memory is 
       tokens, batch 1 x gradient accumulation 8, gradient checkpointing, fp32 on CPU, lr 2e-5 (on CUDA bf16:
       the seed sets fp16 and bf16 together, which the Trainer rejects; bf16 is what it would run with)
 
+and, with --recipes ...,trl,
+
+  (d) TRL's SFTTrainer + PEFT DoRA with the same adapter settings, in its fastest set-up for the device: the
+      model in bf16 (bf16 autocast; PEFT keeps the adapter in float32), padding-free batches of 8 rows
+      (`padding_free=True`), loss on the response tokens only, no gradient checkpointing, lr 2e-4, 1 epoch;
+      fed exactly llama-lora's token ids and response masks (pre-tokenized), so both sides see the same tokens
+
 and reports non-padding tokens/s (prompt included), peak RSS (and peak CUDA memory on a GPU), and the ratios
-(a)/(c) and (a)/(b). The device is CUDA when torch sees one, else the CPU.
+(a)/(c), (a)/(b) and (a)/(d) for the recipes run. The device is CUDA when torch sees one, else the CPU.
 Data: --data, else ../shared/data/alpaca_en_demo.json when present (read in place, never copied), else the
 bundled demo. With --repeat N, (a) and (b) run N times, alternating, and each reports its median run (identical
 runs on a shared machine differ by several percent, bench/RESULTS.md; use 5 repeats for figures near a target).
@@ -55,6 +62,12 @@ def peak_rss_mb() -> float:
 
 
 RANDOM_1B = "random-llama-3.2-1b"
+LABELS = {
+    "dora": "(a) llama-lora DoRA",
+    "lora": "(b) llama-lora LoRA",
+    "trl": "(d) TRL SFTTrainer DoRA",
+    "seed": "(c) seed recipe",
+}
 
 
 def tokenizer_dir() -> str:
@@ -122,11 +135,10 @@ def peak_cuda_mb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
-def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs: float) -> dict:
+def llama_lora_config(rows_file: str, method: str, out: str, model: str, epochs: float):
     from llama_lora.config import load_config
-    from llama_lora.train import train
 
-    cfg = load_config(
+    return load_config(
         overrides=[
             f"model.name={model}",
             f"data.source={rows_file}",
@@ -146,6 +158,12 @@ def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs:
         # on a GPU let the token budget (auto: 8192), not the 8-row cap, size the micro-batches
         + (["train.batch_size=64"] if _cuda() else [])
     )
+
+
+def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs: float) -> dict:
+    from llama_lora.train import train
+
+    cfg = llama_lora_config(rows_file, method, out, model, epochs)
     summary = train(cfg, overwrite=True, quiet=True).summary
     return {
         "tokens": summary["train_tokens"],
@@ -234,6 +252,70 @@ def worker_seed(rows_file: str, out: str, model: str) -> dict:
     }
 
 
+def worker_trl(rows_file: str, out: str, model: str) -> dict:
+    """(d): TRL's SFTTrainer with PEFT DoRA on llama-lora's own token ids and response masks."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from llama_lora import build, models
+    from llama_lora.data import IGNORE
+
+    path = models.local_path(models.resolve(model))
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    examples = build.load_dataset(llama_lora_config(rows_file, "dora", out, model, 1.0), tokenizer).train
+    ds = Dataset.from_list(
+        [
+            {"input_ids": e.input_ids, "completion_mask": [int(y != IGNORE) for y in e.labels]}
+            for e in examples
+        ]
+    )
+    tokens = sum(len(e.input_ids) for e in examples)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    args = SFTConfig(
+        output_dir=out,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a float below 1: a ratio of the steps, as llama-lora's warmup_ratio
+        max_length=None,  # the rows are llama-lora's, already cut to data.max_length (1024)
+        padding_free=True,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        bf16=True,
+        use_cpu=not cuda,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=42,
+    )
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        use_dora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return {
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+        "precision": "bf16",
+        "steps": trainer.state.global_step,
+        "gradient_checkpointing": False,
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     """One recipe's repeats: the run with the median tokens/s, the highest peaks, and every run's tokens/s."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_second"])
@@ -292,6 +374,11 @@ def main() -> None:
         default=1.0,
         help="epochs for (a) and (b) (more steps on a fast GPU); (c) runs 1",
     )
+    parser.add_argument(
+        "--recipes",
+        default="dora,lora,seed",
+        help="which recipes to run, of dora (a), lora (b), seed (c), trl (d); default dora,lora,seed",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -300,6 +387,8 @@ def main() -> None:
     if args.worker:
         if args.worker == "seed":
             result = worker_seed(args.rows_file, args.tmp, args.model)
+        elif args.worker == "trl":
+            result = worker_trl(args.rows_file, args.tmp, args.model)
         else:
             result = worker_llama_lora(args.rows_file, args.worker, args.tmp, args.model, args.epochs)
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -316,9 +405,15 @@ def main() -> None:
         main_file, seed_file = Path(tmp) / "rows.json", Path(tmp) / "seed_rows.json"
         main_file.write_text(json.dumps(rows[:n]))
         seed_file.write_text(json.dumps(rows[:n_seed]))
-        runs: dict[str, list[dict]] = {"dora": [], "lora": [], "seed": []}
-        order = [("dora", "(a) llama-lora DoRA", main_file), ("lora", "(b) llama-lora LoRA", main_file)]
-        order = order * max(1, args.repeat) + [("seed", "(c) seed recipe", seed_file)]
+        wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        unknown = set(wanted) - set(LABELS)
+        if unknown:
+            raise SystemExit(f"--recipes: unknown {sorted(unknown)}; known: {', '.join(LABELS)}")
+        runs: dict[str, list[dict]] = {kind: [] for kind in wanted}
+        repeated = [(k, LABELS[k], main_file) for k in ("dora", "lora", "trl") if k in wanted]
+        order = repeated * max(1, args.repeat) + (
+            [("seed", LABELS["seed"], seed_file)] if "seed" in wanted else []
+        )
         for kind, label, file in order:
             print(f"running {label} ...", file=sys.stderr, flush=True)
             runs[kind].append(run_worker(kind, str(file), model, args.epochs))
@@ -340,31 +435,29 @@ def main() -> None:
         "epochs_a_b": args.epochs,
         "data": origin,
         "results": results,
-        "ratio_a_over_c": round(
-            results["dora"]["tokens_per_second"] / results["seed"]["tokens_per_second"], 2
-        ),
-        "ratio_a_over_b": round(
-            results["dora"]["tokens_per_second"] / results["lora"]["tokens_per_second"], 2
-        ),
     }
+    for other, key in (("seed", "ratio_a_over_c"), ("lora", "ratio_a_over_b"), ("trl", "ratio_a_over_d")):
+        if "dora" in results and other in results:
+            report[key] = round(results["dora"]["tokens_per_second"] / results[other]["tokens_per_second"], 2)
     print(f"\nmodel {args.model}, data {origin}, device {report['machine']['cuda'] or 'cpu'}")
     print(
         f"{'recipe':<24}{'rows':>6}{'tokens/s':>12}{'peak RSS MB':>14}{'peak CUDA MB':>14}{'precision':>11}"
     )
-    for kind, label in (
-        ("dora", "(a) llama-lora DoRA"),
-        ("lora", "(b) llama-lora LoRA"),
-        ("seed", "(c) seed recipe"),
-    ):
+    for kind, label in LABELS.items():
+        if kind not in results:
+            continue
         r = results[kind]
         print(
             f"{label:<24}{r['rows']:>6}{r['tokens_per_second']:>12.1f}{r['peak_rss_mb']:>14.0f}"
             f"{r['peak_cuda_mb'] or '-':>14}{r['precision']:>11}"
         )
     if args.repeat > 1:
-        for kind, label in (("dora", "(a)"), ("lora", "(b)")):
-            print(f"{label} tokens/s of each run: {results[kind]['runs_tokens_per_second']} (median above)")
-    print(f"\n(a)/(c) = {report['ratio_a_over_c']}x   (a)/(b) = {report['ratio_a_over_b']}x")
+        for kind in ("dora", "lora", "trl"):
+            if kind in results:
+                runs_ = results[kind]["runs_tokens_per_second"]
+                print(f"{LABELS[kind][:3]} tokens/s of each run: {runs_} (median above)")
+    names = {"ratio_a_over_c": "(a)/(c)", "ratio_a_over_b": "(a)/(b)", "ratio_a_over_d": "(a)/(d)"}
+    print("\n" + "   ".join(f"{names[k]} = {report[k]}x" for k in names if k in report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
