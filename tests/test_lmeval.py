@@ -366,3 +366,17 @@ def test_compare_refuses_unknown_benchmarks_before_loading(tiny_run, tmp_path):
     )
     assert code == 2 and "unknown task 'hellaswag2'" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_progress_without_a_terminal_is_printed_as_lines(capsys, monkeypatch):
+    from llama_lora import lmeval
+
+    monkeypatch.setattr(lmeval._Bar, "LINE_EVERY_S", 0.0)
+    bar = lmeval._Bar(quiet=False)  # stderr is captured here: not a terminal
+    assert bar.lines
+    bar.start("adapter")
+    bar.add(10)
+    bar.advance(4)
+    bar.stop()
+    assert "adapter: 4/10 requests (40%), 0 min" in capsys.readouterr().err
+    assert not lmeval._Bar(quiet=True).lines

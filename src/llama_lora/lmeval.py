@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,32 +141,52 @@ def build_tasks(name: str, data_dir: str | None) -> list[Any]:
 
 
 class _Bar:
-    """One rich progress bar per side: requests done of requests asked."""
+    """One rich progress bar per side: requests done of requests asked. Where stderr is not a terminal (a log
+    file, CI) a bar cannot redraw, so a plain line is printed instead every `LINE_EVERY_S` seconds."""
+
+    LINE_EVERY_S = 60.0
 
     def __init__(self, quiet: bool):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
+        self.lines = not quiet and not console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("requests"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
-            disable=quiet,
+            console=console,
+            disable=quiet or self.lines,
         )
         self.task = None
+        self.label, self.started, self.last_line = "", 0.0, 0.0
 
     def start(self, label: str) -> None:
         self.progress.start()
         self.task = self.progress.add_task(label, total=0)
+        self.label, self.started = label, time.monotonic()
+        self.last_line = self.started
 
     def add(self, total: int) -> None:
         self.progress.update(self.task, total=(self.progress.tasks[-1].total or 0) + total)
 
     def advance(self, n: int) -> None:
         self.progress.advance(self.task, n)
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = now
+            task = self.progress.tasks[-1]
+            done, total = int(task.completed), int(task.total or 0)
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            minutes = (now - self.started) / 60
+            print(
+                f"{self.label}: {done}/{total} requests{share}, {minutes:.0f} min",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def stop(self) -> None:
         self.progress.stop()
