@@ -159,3 +159,33 @@ def test_load_in_4bit_without_bitsandbytes_names_the_package(monkeypatch):
     with pytest.raises(ConfigError, match=r"^model\.load_in_4bit: needs the bitsandbytes package"):
         models.check_load_in_4bit(ModelConfig(load_in_4bit=True), "cuda")
     models.check_load_in_4bit(ModelConfig(), "cpu")  # off: nothing to check
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_dpo_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, pairs_file):
+    """DPO data parallel: losses, eval losses and reward metrics summed over both processes' pairs equal
+    one process's on the same step groups."""
+    common = {
+        "train.device": "cpu",
+        "train.objective": "dpo",
+        "train.learning_rate": 5e-3,
+        "train.max_steps": 4,
+        "train.eval_steps": 2,
+        "train.batch_size": 3,
+        "data.eval_fraction": 0.25,
+    }
+    two = tmp_path / "two"
+    done = torchrun("train", "--quiet", *tiny_overrides(tiny_model_dir, pairs_file, two, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = tmp_path / "one"
+    overrides = tiny_overrides(tiny_model_dir, pairs_file, one, **common, **{"train.grad_accum": 2})
+    train(load_config(overrides=overrides), quiet=True)
+    logged, expected = records(two), records(one)
+    assert [r["step"] for r in logged] == [r["step"] for r in expected]
+    keys = {"loss", "eval_loss", "rewards/accuracies", "rewards/margins", "eval_rewards/margins"}
+    compared = 0
+    for got, want in zip(logged, expected):
+        for key in keys & want.keys():
+            assert got[key] == pytest.approx(want[key], abs=1e-5), (key, got, want)
+            compared += 1
+    assert compared >= 12

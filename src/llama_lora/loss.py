@@ -157,7 +157,7 @@ class ResponseObjective:
 
         return eval_batches(examples, batch_size, max_batch_tokens, self.pad_id)
 
-    def take_metrics(self, mode: str = "train") -> dict[str, float]:
+    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
         return {}  # the loss is all SFT logs
 
 

@@ -222,6 +222,7 @@ class PreferenceLoss(torch.nn.Module):
         super().__init__()
         self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
         self.sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        self.record = True  # off for a data-parallel step's weightless re-run (parallel.my_share)
 
     def logps(self, input_ids, labels, attention_mask=None, **packed) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs and response token counts per row (chosen rows, then rejected).
@@ -258,6 +259,8 @@ class PreferenceLoss(torch.nn.Module):
         return losses.sum(), n
 
     def _accumulate(self, chosen, rejected, policy_chosen, policy_rejected) -> None:
+        if not self.record:
+            return
         into = self.sums["train" if self.training else "eval"]
         parts = {
             "rewards/chosen": chosen.sum(),
@@ -271,12 +274,25 @@ class PreferenceLoss(torch.nn.Module):
             into[key] = into.get(key, 0.0) + float(value)
         into["pairs"] = into.get("pairs", 0.0) + chosen.numel()
 
-    def take_metrics(self, mode: str = "train") -> dict[str, float]:
-        """Means since the last call, TRL's names (eval ones prefixed `eval_`); then the window restarts."""
+    KEYS = (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    )
+
+    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
+        """Means since the last call, TRL's names (eval ones prefixed `eval_`); then the window restarts.
+        `reduce(*values)` sums values over the processes of a data-parallel run (every process calls it)."""
         sums, self.sums[mode] = self.sums[mode], {}
-        pairs = sums.pop("pairs", 0.0)
+        values = [sums.get(k, 0.0) for k in (*self.KEYS, "pairs")]
+        if reduce is not None:
+            values = reduce(*values)
+        *totals, pairs = values
         prefix = "eval_" if mode == "eval" else ""
-        return {prefix + k: v / pairs for k, v in sums.items()} if pairs else {}
+        return {prefix + k: v / pairs for k, v in zip(self.KEYS, totals)} if pairs else {}
 
 
 class PreferenceObjective:
@@ -317,8 +333,8 @@ class PreferenceObjective:
     ) -> list[dict[str, torch.Tensor]]:
         return [self.collate([pairs[i] for i in b]) for b in _fixed_plan(pairs, batch_size, max_batch_tokens)]
 
-    def take_metrics(self, mode: str = "train") -> dict[str, float]:
-        return self.module.take_metrics(mode)
+    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
+        return self.module.take_metrics(mode, reduce)
 
     @torch.no_grad()
     def precompute_reference(self, pairs, batch_size: int, max_batch_tokens: int | None, device) -> None:

@@ -183,8 +183,12 @@ class Run:
         return total / max(count, 1)
 
     def eval_extras(self) -> dict[str, float]:
-        """What the objective measured during the last evaluation besides the loss (DPO: rewards)."""
-        return self.setup.objective.take_metrics("eval")
+        """What the objective measured during the last evaluation besides the loss (DPO: rewards), over
+        all processes (all call this)."""
+        return self.setup.objective.take_metrics("eval", self.sum_across)
+
+    def sum_across(self, *values: float) -> list[float]:
+        return parallel.sum_across(self.accelerator, *values)
 
     def gathered(self) -> tuple[dict, dict] | None:
         """A sharded run's full adapter and optimizer state (every process takes part); None otherwise."""
@@ -270,6 +274,8 @@ class Run:
         loss = 0.0
         for slot, (b, weight) in enumerate(share):
             batch = {k: v.to(acc.device) for k, v in s.objective.collate([rows[i] for i in b]).items()}
+            if hasattr(s.objective.module, "record"):  # a weightless re-run adds nothing to the metrics
+                s.objective.module.record = weight > 0
             last = slot == len(share) - 1
             if self.sharded:  # FSDP2 reduce-scatters on the last micro-batch only, averaging as DDP does
                 self.module.set_requires_gradient_sync(last)
@@ -282,6 +288,8 @@ class Run:
                     # DDP averages gradients over processes; x world makes it the group's sum / units
                     acc.backward(loss_sum * (weight * self.world) / units)
             loss += weight * float(loss_sum.detach())
+        if hasattr(s.objective.module, "record"):
+            s.objective.module.record = True
         loss, stop = parallel.sum_across(acc, loss, float(interrupt.requested))
         if not math.isfinite(loss):
             good = [p for p in run_dir.checkpoint_dirs(self.run) if checkpoint.is_complete(p)]
@@ -315,7 +323,8 @@ class Run:
                     lr = self.setup.scheduler.get_last_lr()[0]
                     window = c.take_window()
                     record = {"step": step, "epoch": epoch, "loss": window.pop("loss"), "learning_rate": lr}
-                    self.metrics.write({**record, **window, **self.setup.objective.take_metrics()})
+                    extras = self.setup.objective.take_metrics("train", self.sum_across)
+                    self.metrics.write({**record, **window, **extras})
                 if tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != last:
                     eval_loss = self.evaluate()
                     self.metrics.write(
