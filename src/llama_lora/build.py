@@ -228,6 +228,7 @@ def attach(
     from transformers import get_scheduler
 
     cfg, s = loaded.cfg, loaded.settings
+    t = cfg.train
     if s.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = adapters.attach(
@@ -245,7 +246,6 @@ def attach(
             peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad
         )
     else:
-        t = cfg.train
         objective = PreferenceObjective(
             peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
         )
@@ -255,7 +255,6 @@ def attach(
 
         sharding.shard(objective.module, decoder_and_head(peft_model)[0].layers, torch.device(s.device))
     if cfg.train.objective != "sft":
-        t = cfg.train
         device = next(p for p in peft_model.parameters()).device
         dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
         # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's

@@ -35,11 +35,25 @@ def chunk_rows(vocab: int) -> int:
     return min(CHUNK, max(16, CHUNK_BYTES // (4 * vocab)))
 
 
+def chunk_log_softmax(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, probs: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk through a frozen head: log p(y_i | h_i) in float32, and (`probs`) the softmax, from one exp
+    (logits formed in the matmul's dtype, bf16 under autocast, then taken in float32)."""
+    logits = F.linear(h, weight).float()
+    picked = logits.gather(1, y[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(top).exp_()  # in place: one exp serves the log-sum-exp and the softmax
+    sums = e.sum(dim=-1, keepdim=True)
+    logp = picked - sums.log().add_(top).squeeze(1)
+    return logp, (e.div_(sums) if probs else None)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) for a frozen W, with d/dh computed chunk by chunk in the forward pass.
 
     h: (n, hidden), weight: (vocab, hidden), targets: (n,). Logits are formed in the matmul's dtype (bf16 under
-    autocast) and the softmax, logsumexp and loss are taken in float32.
+    autocast) and the softmax, logsumexp and loss are taken in float32 (`chunk_log_softmax`).
     """
 
     @staticmethod
@@ -50,14 +64,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(weight.shape[0])
         for start in range(0, h.shape[0], rows):
             y = targets[start : start + rows]
-            logits = F.linear(h[start : start + rows], weight).float()
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()  # in place: one exp serves the log-sum-exp and the softmax
-            sums = e.sum(dim=-1, keepdim=True)
-            total += (sums.log().add_(top).squeeze(1) - picked).sum()
+            logp, probs = chunk_log_softmax(h[start : start + rows], weight, y, probs=need_grad)
+            total -= logp.sum()
             if need_grad:
-                probs = e.div_(sums)
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)

@@ -13,8 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_lora.data import IGNORE
 
-HIDDEN_CHUNK = 256  # labelled positions per lm_head call in `sequence_logps_from_hidden`
-
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of the labelled tokens, and how many there are.
@@ -48,19 +46,17 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        from llama_lora.loss import chunk_log_softmax
+
         need_grad = ctx.needs_input_grad[0]
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk):
             y = targets[start : start + chunk]
-            logits = F.linear(h[start : start + chunk], weight).float()
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()  # one exp serves the log-sum-exp and the softmax
-            sums = e.sum(dim=-1, keepdim=True)
-            out[start : start + chunk] = picked - sums.log().add_(top).squeeze(1)
+            logp, probs = chunk_log_softmax(h[start : start + chunk], weight, y, probs=need_grad)
+            out[start : start + chunk] = logp
             if need_grad:
-                minus = e.div_(sums).neg_()  # d logp / d logits = onehot - softmax
+                minus = probs.neg_()  # d logp / d logits = onehot - softmax
                 minus[torch.arange(y.shape[0], device=y.device), y] += 1.0
                 grad[start : start + chunk] = minus.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
@@ -76,17 +72,21 @@ def sequence_logps_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk: int = HIDDEN_CHUNK,
+    chunk: int | None = None,
     row_ids: torch.Tensor | None = None,
     n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` from the decoder's last hidden states and the lm_head weight, without full logits.
 
-    Only labelled positions go through the head, `chunk` at a time, so that at most one chunk of logits is
+    Only labelled positions go through the head, `chunk` at a time (default: loss.chunk_rows, the SFT loss's
+    bound on a chunk's logits bytes), so that at most one chunk of logits is
     alive (preference batches hold chosen and rejected rows, so full-vocabulary logits are twice an SFT
     batch's): through `LinearLogProbs` for a frozen head, else each chunk checkpointed. A packed batch
     (packing.collate_packed: hidden 1 x N) gives `row_ids`, the row of each of its N tokens, and `n_rows`.
     """
+    from llama_lora.loss import chunk_rows
+
+    chunk = chunk or chunk_rows(weight.shape[0])
     targets = labels[:, 1:]
     mask = targets != IGNORE
     if row_ids is None:

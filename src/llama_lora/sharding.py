@@ -33,7 +33,6 @@ from llama_lora.errors import ConfigError
 
 __all__ = [
     "shard",
-    "is_sharded",
     "adapter_state",
     "load_adapter_state",
     "optimizer_state",
@@ -79,11 +78,6 @@ def shard(loss_module: nn.Module, layers: nn.ModuleList, device: torch.device) -
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(loss_module, mesh=mesh, mp_policy=policy)
-
-
-def is_sharded(module: nn.Module) -> bool:
-    DTensor = _dtensor()
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def local_bytes(module: nn.Module) -> int:
