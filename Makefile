@@ -51,8 +51,11 @@ demo-gguf: $(STAMP)
 	@test -f runs/demo/merged/config.json || $(MAKE) demo
 	$(BIN)/llama-lora export gguf runs/demo --out runs/demo/model.gguf --type q8_0
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist), a file's tests staying in one process so
+# that its module fixtures are built once; TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
