@@ -15,6 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test starts from the same environment: the CLI quiets libraries through os.environ
+    (TQDM_DISABLE, ...), and a test that runs `cli.main()` in this process must not silence the subprocesses
+    of whichever test this worker runs next (test files are spread over processes in any order)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 # The tiny Llama shape of every test model: 2 layers, hidden 64, 4 query / 2 key-value heads.
 TINY_SHAPE = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
