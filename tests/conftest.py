@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,16 +16,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+@contextlib.contextmanager
+def environment_kept():
+    """os.environ as it was on entry, again on exit: the CLI quiets libraries through the environment
+    (TQDM_DISABLE, ...), and later subprocesses (run_cli) must start as the user's shell would."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if os.environ != saved:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
-    """Each test starts from the same environment: the CLI quiets libraries through os.environ
-    (TQDM_DISABLE, ...), and a test that runs `cli.main()` in this process must not silence the subprocesses
-    of whichever test this worker runs next (test files are spread over processes in any order)."""
-    saved = dict(os.environ)
-    yield
-    if os.environ != saved:
-        os.environ.clear()
-        os.environ.update(saved)
+    """Each test starts from the same environment, also after a test that runs `cli.main()` in this process
+    itself: test files are spread over processes, so any test may come next in this one."""
+    with environment_kept():
+        yield
 
 
 # The tiny Llama shape of every test model: 2 layers, hidden 64, 4 query / 2 key-value heads.
@@ -121,7 +131,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 def cli_in_process(*args: str) -> tuple[int, str, str]:
     """`llama-lora ARGS` run in this process (no interpreter start-up): (exit status, stdout, stderr)."""
-    import contextlib
     import io
     import warnings
 
@@ -129,17 +138,19 @@ def cli_in_process(*args: str) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["llama-lora", *args]
-    environ = dict(os.environ)  # the CLI quiets libraries through the environment (TQDM_DISABLE, ...)
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with (
+            environment_kept(),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
             cli.main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
-        os.environ.clear()
-        os.environ.update(environ)  # so that later subprocesses (run_cli) start as the user's shell would
     return code, out.getvalue(), err.getvalue()
 
 
