@@ -140,6 +140,28 @@ def test_response_loss_gradients_match_the_full_logits_path(
     assert bool(used) == frozen_head
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32-vocab-blocks", "bf16-autocast-one-linear"])
+def test_head_chunk_log_probs_and_gradient_match_autograd(monkeypatch, autocast):
+    """chunk_log_softmax's log-probs and cross-entropy gradient equal autograd's through F.cross_entropy, in
+    both layouts: float32 on the CPU (vocab-row blocks, a partial last block) and one F.linear under autocast."""
+    monkeypatch.setattr(loss_mod, "HEAD_BLOCK", 64)
+    torch.manual_seed(0)
+    weight, h = torch.randn(300, 32) * 0.3, torch.randn(7, 32)
+    y = torch.randint(0, 300, (7,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert loss_mod._head_logits(h, weight)[1] == (1 if autocast else 0)
+        logp, d_h = loss_mod.chunk_log_softmax(h, weight, y, grad=True)
+        h_ref = h.clone().requires_grad_()
+        ref = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(h_ref, weight).float(), y, reduction="none"
+        )
+        ref.sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, -ref.detach(), **tol)
+    torch.testing.assert_close(d_h.float(), h_ref.grad.float(), **tol)
+    assert loss_mod.chunk_log_softmax(h, weight, y, grad=False)[1] is None
+
+
 def _recording(fn, calls: list):
     def wrapper(*args):
         calls.append(1)

@@ -35,18 +35,45 @@ def chunk_rows(vocab: int) -> int:
     return min(CHUNK, max(16, CHUNK_BYTES // (4 * vocab)))
 
 
+# The CPU's float32 matmul h @ W^T with a 49k-row W runs at about half the machine's rate (the library's kernel
+# for a transposed right-hand side and a wide output); W @ h^T in blocks of this many vocabulary rows, written
+# into a (vocab, n) buffer, runs at about its full rate (bench/RESULTS.md). Other devices and dtypes keep one
+# F.linear: they were not measured.
+HEAD_BLOCK = 1024
+
+
+def _head_logits(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The logits of `h` through the frozen head in float32 and their vocabulary dimension: (n, vocab) and 1,
+    or, for float32 on the CPU, (vocab, n) and 0 (`HEAD_BLOCK`)."""
+    cpu_fp32 = h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
+    if not cpu_fp32 or torch.is_autocast_enabled("cpu"):
+        return F.linear(h, weight).float(), 1
+    logits = h.new_empty(weight.shape[0], h.shape[0])
+    ht = h.t()
+    for start in range(0, weight.shape[0], HEAD_BLOCK):
+        torch.mm(weight[start : start + HEAD_BLOCK], ht, out=logits[start : start + HEAD_BLOCK])
+    return logits, 0
+
+
 def chunk_log_softmax(
-    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, probs: bool
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk through a frozen head: log p(y_i | h_i) in float32, and (`probs`) the softmax, from one exp
-    (logits formed in the matmul's dtype, bf16 under autocast, then taken in float32)."""
-    logits = F.linear(h, weight).float()
-    picked = logits.gather(1, y[:, None]).squeeze(1)
-    top = logits.amax(dim=-1, keepdim=True)
+    """One chunk through a frozen head: log p(y_i | h_i) in float32, and (`grad`) the gradient of the summed
+    cross-entropy -sum_i log p(y_i | h_i) with respect to `h`, (softmax - onehot) @ W, in `h`'s dtype. One exp
+    serves the log-sum-exp and the softmax (logits formed in the matmul's dtype, bf16 under autocast, then
+    taken in float32)."""
+    logits, dim = _head_logits(h, weight)
+    picked = logits.gather(dim, y.unsqueeze(dim)).squeeze(dim)
+    top = logits.amax(dim=dim, keepdim=True)
     e = logits.sub_(top).exp_()  # in place: one exp serves the log-sum-exp and the softmax
-    sums = e.sum(dim=-1, keepdim=True)
-    logp = picked - sums.log().add_(top).squeeze(1)
-    return logp, (e.div_(sums) if probs else None)
+    sums = e.sum(dim=dim, keepdim=True)
+    logp = picked - sums.log().add_(top).squeeze(dim)
+    if not grad:
+        return logp, None
+    probs = e.div_(sums)
+    rows = torch.arange(y.shape[0], device=y.device)
+    probs[(rows, y) if dim == 1 else (y, rows)] -= 1.0
+    return logp, (probs if dim == 1 else probs.t()).to(weight.dtype) @ weight
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -64,11 +91,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(weight.shape[0])
         for start in range(0, h.shape[0], rows):
             y = targets[start : start + rows]
-            logp, probs = chunk_log_softmax(h[start : start + rows], weight, y, probs=need_grad)
+            logp, d_h = chunk_log_softmax(h[start : start + rows], weight, y, grad=need_grad)
             total -= logp.sum()
             if need_grad:
-                probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                grad[start : start + rows] = probs.to(weight.dtype) @ weight
+                grad[start : start + rows] = d_h
         ctx.save_for_backward(grad)
         return total
 

@@ -53,12 +53,10 @@ class LinearLogProbs(torch.autograd.Function):
         grad = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk):
             y = targets[start : start + chunk]
-            logp, probs = chunk_log_softmax(h[start : start + chunk], weight, y, probs=need_grad)
+            logp, d_ce = chunk_log_softmax(h[start : start + chunk], weight, y, grad=need_grad)
             out[start : start + chunk] = logp
             if need_grad:
-                minus = probs.neg_()  # d logp / d logits = onehot - softmax
-                minus[torch.arange(y.shape[0], device=y.device), y] += 1.0
-                grad[start : start + chunk] = minus.to(weight.dtype) @ weight
+                grad[start : start + chunk] = d_ce.neg_()  # d logp / d h = -(d cross-entropy / d h)
         ctx.save_for_backward(grad)
         return out
 
