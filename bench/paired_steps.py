@@ -57,8 +57,23 @@ def build(overrides: list[str], fused_module) -> dict:
         "collate": setup.objective.collate,
         "device": s.device,
         "autocast": (lambda: torch.autocast(s.device, dtype=dtype)) if dtype else nullcontext,
+        "compute_dtype": dtype or torch.float32,  # the matmuls' dtype: autocast's, else float32
         "seconds": 0.0,
     }
+
+
+def build_on_rows(rows: list[dict], *sides: tuple[list[str], object]) -> list[dict]:
+    """One side per (overrides, fused module), each built on `rows` (Alpaca-style, all for training)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        rows_file.write_text(json.dumps(rows))
+        common = [
+            f"data.source={rows_file}",
+            "data.format=alpaca",
+            "data.template=alpaca",
+            "data.eval_fraction=0",
+        ]
+        return [build(common + overrides, layers) for overrides, layers in sides]
 
 
 def step(side: dict, micro_batch: list[int]) -> int:
@@ -89,17 +104,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, source = data_rows(args.rows, args.data)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows_file = Path(tmp) / "rows.json"
-        rows_file.write_text(json.dumps(rows))
-        common = [
-            f"data.source={rows_file}",
-            "data.format=alpaca",
-            "data.template=alpaca",
-            "data.eval_fraction=0",
-        ]
-        b_fused = load_module(args.b_fused, "fused_b") if args.b_fused else fused
-        a, b = build(common + args.a, fused), build(common + args.b, b_fused)
+    b_fused = load_module(args.b_fused, "fused_b") if args.b_fused else fused
+    a, b = build_on_rows(rows, (args.a, fused), (args.b, b_fused))
     if a["plan"] != b["plan"]:
         raise SystemExit("the two sides plan different micro-batches: compare setups that batch alike")
     for micro_batch in a["plan"][:2]:  # warm-up, untimed

@@ -2,7 +2,7 @@
 
     python bench/profile_step.py [--rows 64] [--steps 6] [--top 15] [override ...]   e.g. peft.use_dora=false
 
-Builds one side exactly as `train` does (bench/paired_steps.py's `build`: settings, fast path, objective,
+Builds one side exactly as `train` does (bench/paired_steps.py's `build_on_rows`: settings, fast path, objective,
 optimizer), runs two untimed warm-up steps, then profiles `--steps` optimizer steps with torch's profiler and
 reports:
 
@@ -20,10 +20,8 @@ quote (bench/train_speed.py measures speed).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_steps import build, step  # noqa: E402
+from paired_steps import build_on_rows, step  # noqa: E402
 from train_speed import data_rows  # noqa: E402
 
 from llama_lora import fused  # noqa: E402
@@ -77,11 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, source = data_rows(args.rows, args.data)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows_file = Path(tmp) / "rows.json"
-        rows_file.write_text(json.dumps(rows))
-        common = [f"data.source={rows_file}", "data.format=alpaca", "data.template=alpaca"]
-        side = build([*common, "data.eval_fraction=0", *args.overrides], fused)
+    (side,) = build_on_rows(rows, (args.overrides, fused))
     plan = side["plan"]
     if len(plan) < 2 + args.steps:
         raise SystemExit(f"only {len(plan)} micro-batches: use more --rows or fewer --steps")
@@ -110,9 +104,7 @@ def main() -> None:
 
     mm_seconds = sum(s for _, s in by_shape.values())
     mm_flops = sum(flops(d, c) for d, (c, _) in by_shape.items())
-    dtype = next(p.dtype for p in side["loss_fn"].parameters() if not p.requires_grad)  # the frozen base
-    if isinstance(side["autocast"](), torch.autocast):
-        dtype = torch.get_autocast_dtype(side["device"])
+    dtype = side["compute_dtype"]
     alone = {d: alone_seconds(d, dtype) for d in by_shape}
     limit_seconds = sum(alone[d] * c for d, (c, _) in by_shape.items())
 
