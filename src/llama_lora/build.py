@@ -230,7 +230,7 @@ def attach(
     cfg, s = loaded.cfg, loaded.settings
     t = cfg.train
     if s.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(loaded.model)
     peft_model = adapters.attach(
         loaded.model,
         cfg.peft,

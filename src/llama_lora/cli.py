@@ -5,6 +5,7 @@ Every error the user can fix (config, data, model, hub) is one message on stderr
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -532,9 +533,46 @@ def verbose_first(argv: list[str]) -> list[str]:
     return ["--verbose", *(a for a in argv if a != "--verbose")]
 
 
+def _click_class(exc: BaseException) -> str | None:
+    """'usage' for a command-line usage error (unknown option or command, missing or bad value), 'abort' for
+    click's Ctrl-C/EOF, else None. typer raises click's classes from the `click` package in older releases
+    and from its own copy (`typer._click`) since 0.2x, so they are recognised wherever they live."""
+    for cls in type(exc).__mro__:
+        if cls.__module__.endswith("click.exceptions"):
+            if cls.__name__ == "ClickException":
+                return "usage"
+            if cls.__name__ == "Abort":
+                return "abort"
+    return None
+
+
+def command_path(argv: list[str]) -> str:
+    """`llama-lora export gguf` for argv `export gguf --bad`: the (sub)command words at the front of argv.
+    Some usage errors carry no context to say which command they came from."""
+    command, words = typer.main.get_command(app), ["llama-lora"]
+    for word in argv:
+        sub = getattr(command, "commands", {}).get(word)
+        if word.startswith("-") or sub is None:
+            break
+        command, words = sub, [*words, word]
+    return " ".join(words)
+
+
+def usage_message(exc: Exception, argv: list[str]) -> str:
+    """One line: the command, what is wrong, the closest known option for a mistyped one, where help is."""
+    text = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    wrong, known = getattr(exc, "option_name", None), getattr(exc, "possibilities", None)
+    if wrong and known is not None:  # click's own hint lists loose matches ("Possible options: ..."): one
+        close = difflib.get_close_matches(wrong, list(known), n=1, cutoff=0.7)
+        text = f"No such option: {wrong}" + (f"; did you mean {close[0]}?" if close else "")
+    command = command_path(argv)
+    return f"error: {command}: {text} (see `{command} --help`)"
+
+
 def main() -> None:
+    argv = verbose_first(optional_resume_value(sys.argv[1:]))
     try:
-        app(args=verbose_first(optional_resume_value(sys.argv[1:])), standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except LlamaLoraError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
@@ -543,15 +581,17 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        kind = _click_class(exc)
+        if kind == "abort":
             sys.exit(130)
-        raise
+        if kind is None:
+            raise
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the command's help already
+            err.print(
+                usage_message(exc, [a for a in argv if a != "--verbose"]), markup=False, highlight=False
+            )
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,17 @@ def stored_dtype(mcfg: ModelConfig, ref: ModelRef | None = None) -> str:
 # ------------------------------------------------------------------------------- device and precision
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant. transformers 5.2x renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on the old name; older
+    releases have only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."""
     import torch
