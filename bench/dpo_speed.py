@@ -47,9 +47,9 @@ BATCH, LR, BETA, MAX_LENGTH, WARMUP = 8, 1e-4, 0.1, 512, 0.05  # the dpo-demo pr
 
 
 def model_dir() -> str:
-    from llama_lora import models
+    from llama_lora.model import loader
 
-    return models.local_path(models.resolve("smollm2-135m-instruct"), log=lambda *a: None)
+    return loader.local_path(loader.resolve("smollm2-135m-instruct"), log=lambda *a: None)
 
 
 def first_pairs(n: int) -> list[dict]:
@@ -66,7 +66,7 @@ def side_llama_lora(rows: int, tmp: str, max_batch_tokens: str) -> dict:
     import torch
 
     from llama_lora import cli
-    from llama_lora.preference import PreferenceObjective
+    from llama_lora.train.objectives.preference import PreferenceObjective
 
     precompute = [0.0]
     original = PreferenceObjective.precompute_reference

@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from llama_lora import generate, lmeval
+    from llama_lora.evaluate import lmeval
+    from llama_lora.infer import loading
 
-    loaded = generate.load(base="smollm2-135m-instruct", log=lambda *a: None)
+    loaded = loading.load(base="smollm2-135m-instruct", log=lambda *a: None)
     settings = [("fp32", 16), ("bf16", 8), ("bf16", 16), ("bf16", 32)]
     speeds: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
     scores = {}

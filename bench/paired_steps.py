@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import data_rows  # noqa: E402
 
-from llama_lora import build as B  # noqa: E402
-from llama_lora import fused  # noqa: E402
 from llama_lora.config import load_config  # noqa: E402
+from llama_lora.kernels import fused  # noqa: E402
+from llama_lora.train import build as B  # noqa: E402
 
 
 def load_module(path: str, name: str):

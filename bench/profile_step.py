@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_steps import build_on_rows, step  # noqa: E402
 from train_speed import data_rows  # noqa: E402
 
-from llama_lora import fused  # noqa: E402
+from llama_lora.kernels import fused
 
 MATMULS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0}
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve_overhead.py [--model smollm2-135m-instruct] [--tokens 64] [--repeats 3]
 
 Starts `llama-lora serve MODEL` as a subprocess on a free loopback port and loads the same model in this
-process with `generate.load` (what `infer --base` runs). Then, alternating: one greedy completion of
+process with `loading.load` (what `infer --base` runs). Then, alternating: one greedy completion of
 `--tokens` tokens in-process (`generate.generate`) and the same request through the server with the `openai`
 client (`temperature: 0`), `--repeats` times each; then 16 requests sent at once from 16 threads (the server
 queues them and serves them one by one). Prints one JSON object; the figures go to bench/RESULTS.md.
@@ -41,7 +41,7 @@ def main() -> None:
     import openai
     import torch
 
-    from llama_lora import generate
+    from llama_lora.infer import generate, loading
 
     port = free_port()
     server = subprocess.Popen(
@@ -63,7 +63,7 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.5)
-        loaded = generate.load(base=args.model, device="auto", log=lambda *a: None)
+        loaded = loading.load(base=args.model, device="auto", log=lambda *a: None)
         settings = generate.GenerationSettings(max_new_tokens=args.tokens)
         messages = [{"role": "user", "content": PROMPT}]
 

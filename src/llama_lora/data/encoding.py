@@ -1,0 +1,149 @@
+"""Data: load rows, detect their format, render them with a template, tokenize with the prompt masked.
+
+The chain is a set of plain functions, each testable on three-line inputs:
+
+    row --to_messages--> messages --render_segments--> [(text, trainable)] --tokenize--> ids + labels
+
+Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
+pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
+Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
+from here; batching (token budgets, length grouping) lives in `batching.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_lora.data import formats
+from llama_lora.data.formats import (
+    detect_format,
+    fill_placeholders,
+    reference_answer,
+    to_messages,
+)
+from llama_lora.data.sources import _reason
+from llama_lora.data.templates import render_segments
+from llama_lora.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def tokenize(segments: list[tuple[str, bool]], tokenizer, train_on_prompt: bool = False) -> Example:
+    """Segments -> token ids and labels (-100 where not trained). Segments are tokenized one by one,
+    the way the prompt alone is tokenized at inference, so training and generation see the same ids."""
+    ids: list[int] = []
+    labels: list[int] = []
+    text0 = segments[0][0] if segments else ""
+    if _adds_bos(tokenizer) and not text0.startswith(tokenizer.bos_token):
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    for text, trainable in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if (trainable or train_on_prompt) else [IGNORE] * len(piece))
+    return Example(ids, labels)
+
+
+@dataclass
+class PrepareStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_labels: int = 0
+    bad_rows: list[str] = field(default_factory=list)
+    truncated_examples: list[int] = field(default_factory=list)  # indices of kept examples cut to max_length
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.rows} rows kept"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped as longer than max_length")
+        if self.dropped_no_labels:
+            parts.append(f"{self.dropped_no_labels} dropped with no response tokens left")
+        if self.bad_rows:
+            parts.append(f"skipped {len(self.bad_rows)} bad rows (first: {self.bad_rows[0]})")
+        return ", ".join(parts)
+
+
+def prepare(
+    rows: list[dict[str, Any]], tokenizer, dcfg, template: str, fmt: str | None = None, where: str = "data"
+) -> tuple[list[Example], PrepareStats]:
+    """Rows -> tokenized examples, applying truncation and counting what was cut or dropped.
+
+    Rows that cannot be used (missing fields, no response) are a DataError naming the first one and their
+    count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats."""
+    from jinja2 import TemplateError
+
+    stats = PrepareStats(rows=len(rows))
+    examples: list[Example] = []
+    for index, row in enumerate(rows):
+        kind = formats.preference_kind(row)
+        if kind is not None:  # never train a rejected or undesirable answer as a good one
+            raise formats.refuse_preference(kind, where, index)
+        row = fill_placeholders(row, dcfg.fill)
+        try:
+            row_fmt = fmt or (dcfg.format if dcfg.format != "auto" else detect_format(row))
+            messages = to_messages(row, row_fmt, dcfg.system_prompt)
+            if row_fmt != "text" and reference_answer(messages) is None:
+                raise ValueError("no response to train on")
+            tools = formats.row_tools(row) if row_fmt in ("messages", "tools") else None
+            segments = render_segments(messages, tokenizer, template, tools)
+        except TemplateError as exc:  # e.g. a template that allows one tool call per turn
+            stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+            continue
+        except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
+            if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
+                raise  # the template, not the row, is the problem
+            stats.bad_rows.append(f"row {index}: {exc}")
+            continue
+        except Exception as exc:  # anything else: one line naming the row, never a traceback
+            raise DataError(f"{where}: row {index}: cannot be rendered ({_reason(exc)})") from None
+        try:
+            ex = tokenize(segments, tokenizer, dcfg.train_on_prompt)
+        except Exception as exc:
+            raise DataError(f"{where}: row {index}: cannot be tokenized ({_reason(exc)})") from None
+        cut = len(ex) > dcfg.max_length
+        if cut:
+            if dcfg.truncation == "drop":
+                stats.dropped_too_long += 1
+                continue
+            ex = Example(ex.input_ids[: dcfg.max_length], ex.labels[: dcfg.max_length])
+            stats.truncated += 1
+        if all(label == IGNORE for label in ex.labels[1:]):
+            stats.dropped_no_labels += 1
+            continue
+        if cut:
+            stats.truncated_examples.append(len(examples))
+        examples.append(ex)
+    stats.kept = len(examples)
+    refuse_bad_rows(stats, dcfg, where, "lack required fields")
+    return examples, stats
+
+
+def refuse_bad_rows(stats: PrepareStats, dcfg, where: str, what: str) -> None:
+    """Bad rows stop the run in one line naming the first and their count, unless data.skip_bad_rows."""
+    if stats.bad_rows and not dcfg.skip_bad_rows:
+        raise DataError(
+            f"{where}: {len(stats.bad_rows)} of {stats.rows} rows {what} (first: "
+            f"{stats.bad_rows[0]}); fix them or set data.skip_bad_rows: true to skip them"
+        )

@@ -1,0 +1,262 @@
+"""`llama-lora data inspect`: the examples `train` would train on, before any training.
+
+The data is loaded by `sources.split_rows` and `dataset.load_dataset` themselves (same config, template,
+masking, truncation), with the tokenizer loaded as `train` loads it; this module only looks at the result:
+
+    example --segments--> [(text, trained)]    counts(...)    find_warnings(...)
+
+A token counts as trained when its label is not -100 and it is not the first token (the loss predicts
+token i from the tokens before it, so the first one is never a target). Nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_lora.config import Config
+from llama_lora.data import encoding, formats, sources
+
+MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « »: trained text where there is no colour
+
+
+def _trained_flags(example: encoding.Example) -> list[bool]:
+    return [i > 0 and label != encoding.IGNORE for i, label in enumerate(example.labels)]
+
+
+def trained_tokens(example: encoding.Example) -> int:
+    """Tokens the loss is taken on (as `train` counts them)."""
+    return sum(_trained_flags(example))
+
+
+def segments(example: encoding.Example, tokenizer) -> list[tuple[str, bool]]:
+    """Runs of consecutive tokens that are all trained or all untrained, each decoded to its text.
+
+    Each run's text is the growth of the decoded prefix, so the texts joined are exactly the decoded
+    example (byte-level and SentencePiece tokenizers alike), special tokens included."""
+    runs: list[list[Any]] = []  # [end, trained]
+    for i, trained in enumerate(_trained_flags(example)):
+        if runs and runs[-1][1] == trained:
+            runs[-1][0] = i + 1
+        else:
+            runs.append([i + 1, trained])
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    out: list[tuple[str, bool]] = []
+    done, start = "", 0
+    for end, trained in runs:
+        upto = decode(example.input_ids[:end])
+        text = upto[len(done) :] if upto.startswith(done) else decode(example.input_ids[start:end])
+        out.append((text, trained))
+        done, start = upto, end
+    return out
+
+
+def example_record(index: int, example: encoding.Example, tokenizer, truncated: bool) -> dict[str, Any]:
+    """One example as `--json` prints it."""
+    return {
+        "index": index,
+        "tokens": len(example),
+        "trained_tokens": trained_tokens(example),
+        "truncated": truncated,
+        "segments": [{"text": t, "trained": trained} for t, trained in segments(example, tokenizer)],
+    }
+
+
+def counts(rows: int, examples: list[encoding.Example], stats: encoding.PrepareStats) -> dict[str, int]:
+    """Rows in, examples kept, rows skipped (and why), tokens, trained tokens, truncated examples."""
+    skipped = len(stats.bad_rows) + stats.dropped_too_long + stats.dropped_no_labels
+    return {
+        "rows": rows,
+        "kept": len(examples),
+        "skipped": skipped,
+        "bad_rows": len(stats.bad_rows),
+        "dropped_too_long": stats.dropped_too_long,
+        "dropped_no_labels": stats.dropped_no_labels,
+        "truncated": stats.truncated,
+        "tokens": sum(len(e) for e in examples),
+        "trained_tokens": sum(trained_tokens(e) for e in examples),
+    }
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _warning(kind: str, message: str) -> dict[str, str]:
+    return {"kind": kind, "message": message}
+
+
+def split_warnings(
+    split: str, examples: list[encoding.Example], stats: encoding.PrepareStats, tokenizer, max_length: int
+) -> list[dict[str, str]]:
+    """Labels masked away, responses cut by `max_length`, a doubled BOS token, in one split."""
+    found = []
+    if stats.dropped_no_labels:
+        found.append(
+            _warning(
+                "all_masked",
+                f"{split}: {_n(stats.dropped_no_labels, 'row')} dropped because every label was masked (no response "
+                f"token left within data.max_length={max_length})",
+            )
+        )
+    if stats.truncated:
+        found.append(
+            _warning(
+                "truncated",
+                f"{split}: {stats.truncated} of {_n(stats.rows, 'row')} cut at data.max_length={max_length}; the rest "
+                "of their response and its end-of-turn token are not trained (raise data.max_length, or set "
+                "data.truncation: drop)",
+            )
+        )
+    bos = getattr(tokenizer, "bos_token_id", None)
+    doubled = [i for i, e in enumerate(examples) if bos is not None and e.input_ids[:2] == [bos, bos]]
+    if doubled:
+        found.append(
+            _warning(
+                "double_bos",
+                f"{split}: the BOS token {tokenizer.bos_token} comes twice at the start of {_n(len(doubled), 'example')} "
+                f"(first: example {doubled[0]}); the rows or the template already begin with it",
+            )
+        )
+    return found
+
+
+def eos_warning(examples: list[encoding.Example], tokenizer) -> dict[str, str] | None:
+    """A warning when no example trains any token that generation stops at (EOS or end-of-turn)."""
+    from llama_lora.infer.loading import stop_token_ids
+
+    stops = set(stop_token_ids(tokenizer))
+    for e in examples:
+        if any(t and label in stops for t, label in zip(_trained_flags(e), e.labels, strict=True)):
+            return None
+    names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in sorted(stops)) or "none"
+    return _warning(
+        "eos_never_trained",
+        f"no training example trains an end-of-turn token ({names}): the model will not learn to stop",
+    )
+
+
+def placeholder_warnings(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, str]]:
+    """The placeholder warnings `train` logs: `{{name}}` left unfilled in many rows, `data.fill` names unused."""
+    found = formats.placeholder_warnings(rows, cfg.data.fill, cfg.data.source)
+    return [_warning("placeholder", message.removeprefix("warning: ")) for message in found]
+
+
+@dataclass
+class Report:
+    model: str
+    source: str
+    template: str
+    examples: list[dict[str, Any]]  # the first N training examples, as example_record makes them
+    counts: dict[str, dict[str, int]]  # "train", "eval"
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The last line of `--json`."""
+        return {
+            "summary": {
+                "model": self.model,
+                "source": self.source,
+                "template": self.template,
+                **self.counts,
+            },
+            "warnings": self.warnings,
+        }
+
+
+def inspect(cfg: Config, n: int) -> Report:
+    """Load tokenizer and data exactly as `train(cfg)` does and report on them; writes nothing."""
+    from llama_lora.data import dataset
+    from llama_lora.model import loader
+
+    tokenizer = loader.load_tokenizer(cfg.model, loader.resolve(cfg.model.name), convert=False)
+    train_rows, eval_rows = sources.split_rows(cfg.data, cfg.train.seed)
+    ds = dataset.load_dataset(cfg, tokenizer, rows=(train_rows, eval_rows))
+    tstats, estats = ds.train_stats, ds.eval_stats
+    cut = set(tstats.truncated_examples)
+    shown = [example_record(i, e, tokenizer, i in cut) for i, e in enumerate(ds.train[:n])]
+    warnings = placeholder_warnings(train_rows + eval_rows, cfg)
+    max_length = cfg.data.max_length
+    warnings += split_warnings("train", ds.train, tstats, tokenizer, max_length)
+    warnings += split_warnings("eval", ds.eval, estats, tokenizer, max_length)
+    eos = eos_warning(ds.train, tokenizer)
+    warnings += [eos] if eos else []
+    return Report(
+        model=cfg.model.name,
+        source=cfg.data.source,
+        template=ds.template,
+        examples=shown,
+        counts={
+            "train": counts(ds.train_rows, ds.train, tstats),
+            "eval": counts(ds.eval_rows, ds.eval, estats),
+        },
+        warnings=warnings,
+    )
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def json_lines(report: Report) -> list[str]:
+    """One JSON object per shown example, then the summary object (counts and warnings)."""
+    return [json.dumps(r, ensure_ascii=False) for r in [*report.examples, report.summary()]]
+
+
+def render_example(record: dict[str, Any], color: bool):
+    """A rich Text of one example: trained text green and the rest dim, or (no colour) trained text
+    between « and »."""
+    from rich.text import Text
+
+    text = Text()
+    for seg in record["segments"]:
+        if color:
+            text.append(seg["text"], style="green" if seg["trained"] else "dim")
+        elif seg["trained"]:
+            text.append(f"{MARK_OPEN}{seg['text']}{MARK_CLOSE}")
+        else:
+            text.append(seg["text"])
+    return text
+
+
+def _count_line(split: str, c: dict[str, int]) -> str:
+    why = [
+        f"{c[key]} {label}"
+        for key, label in (
+            ("bad_rows", "bad"),
+            ("dropped_too_long", "too long"),
+            ("dropped_no_labels", "all labels masked"),
+        )
+        if c[key]
+    ]
+    skipped = f"{c['skipped']} skipped" + (f" ({', '.join(why)})" if why else "")
+    return (
+        f"{split}: {c['rows']} rows, {c['kept']} kept, {skipped}; {c['tokens']} tokens, "
+        f"{c['trained_tokens']} trained; {c['truncated']} truncated"
+    )
+
+
+def render(report: Report, color: bool) -> list:
+    """What the terminal shows: the examples, then the counts and the warnings (rich renderables)."""
+    from rich.text import Text
+
+    out: list = []
+    for record in report.examples:
+        flags = ", truncated" if record["truncated"] else ""
+        header = f"── example {record['index']}: {record['tokens']} tokens, {record['trained_tokens']} trained{flags}"
+        out += [Text(header, style="bold cyan" if color else ""), render_example(record, color)]
+        if not record["segments"] or not record["segments"][-1]["text"].endswith("\n"):
+            out.append(Text(""))  # one blank line after each example
+    legend = "green: trained, dim: not trained" if color else f"{MARK_OPEN}...{MARK_CLOSE}: trained"
+    out.append(Text(f"{report.source} with {report.model}, template {report.template} ({legend})"))
+    out += [
+        Text(_count_line(split, c)) for split, c in report.counts.items() if split == "train" or c["rows"]
+    ]
+    if not report.warnings:
+        out.append(Text("no warnings", style="green" if color else ""))
+    for w in report.warnings:
+        out.append(Text(f"warning: {w['message']}", style="yellow" if color else ""))
+    return out

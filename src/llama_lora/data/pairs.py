@@ -1,0 +1,200 @@
+"""Preference pairs for DPO/ORPO: rows -> (prompt, chosen, rejected) messages -> two tokenized sides.
+
+Row forms (the first that fits):
+
+- TRL explicit prompt: `prompt` (a string, one user turn, or a message list) with `chosen`/`rejected`
+  each a string, one message or a list of assistant messages (the last one is the response);
+- ShareGPT (LLaMA-Factory) or OpenAI messages: `conversations`/`messages` ending on a user turn, with
+  `chosen`/`rejected` as single `{from, value}` / `{role, content}` objects (or strings);
+- TRL implicit prompt: `chosen`/`rejected` are whole conversations; their common leading messages are the
+  prompt and the final assistant message of each is the response.
+
+A top-level `system` string (or `data.system_prompt` when the row has none) opens the prompt, as in
+`formats.to_messages`. Only the final response of each side is trained: earlier assistant turns of a
+multi-turn prompt are context, labelled -100 like the rest of the prompt. Both sides share the prompt's
+token ids exactly, so the prompt cancels out of the DPO log-ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llama_lora.data import encoding, formats, sources, templates
+from llama_lora.data.formats import Message
+from llama_lora.errors import DataError
+
+
+@dataclass
+class PairExample:
+    chosen: encoding.Example
+    rejected: encoding.Example
+    ref_chosen: float | None = None  # the reference model's summed log-probs, filled in by the trainer
+    ref_rejected: float | None = None
+
+    def __len__(self) -> int:  # the token budget of a batch counts both sides
+        return len(self.chosen) + len(self.rejected)
+
+
+def _messages(value: Any, what: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what} must be a non-empty list of messages")
+    return formats._conversation({"messages": value})
+
+
+def _response(value: Any, what: str, prompt: list[Message]) -> Message:
+    """One side's response: a string, one message, or assistant message(s) (after the prompt, if the list
+    repeats it): the last of them."""
+    if isinstance(value, str):
+        msg: Message = {"role": "assistant", "content": value}
+    elif isinstance(value, dict):
+        msg = _messages([value], f"'{what}'")[0]
+    elif isinstance(value, list):
+        msgs = _messages(value, f"'{what}'")
+        if prompt and msgs[: len(prompt)] == prompt:
+            msgs = msgs[len(prompt) :]
+        if not msgs or any(m["role"] != "assistant" for m in msgs):
+            raise ValueError(f"'{what}' must hold only assistant turns after the prompt")
+        msg = msgs[-1]
+    else:
+        raise ValueError(f"'{what}' must be a string, a message or messages, not {type(value).__name__}")
+    if msg["role"] != "assistant":
+        raise ValueError(f"'{what}' is a {msg['role']} turn, not an assistant response")
+    if not formats.assistant_text(msg).strip():
+        raise ValueError(f"empty '{what}' response")
+    return msg
+
+
+def _implicit(chosen: Any, rejected: Any) -> tuple[list[Message], Message, Message]:
+    """TRL's implicit prompt: the common leading messages of two whole conversations."""
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise ValueError(
+            "no prompt: give 'prompt' (or 'conversations'), or 'chosen'/'rejected' as conversations"
+        )
+    c, r = _messages(chosen, "'chosen'"), _messages(rejected, "'rejected'")
+    n = 0
+    while n < min(len(c), len(r)) and c[n] == r[n]:
+        n += 1
+    if len(c) == len(r) == n:
+        raise ValueError("'chosen' and 'rejected' are identical")
+    if len(c) != n + 1 or len(r) != n + 1:
+        raise ValueError("'chosen' and 'rejected' must differ only in their final assistant turn")
+    return c[:n], _response([c[-1]], "chosen", []), _response([r[-1]], "rejected", [])
+
+
+def pair_messages(
+    row: dict[str, Any], system_prompt: str | None = None
+) -> tuple[list[Message], Message, Message]:
+    """(prompt messages, chosen assistant message, rejected assistant message) of one preference row.
+    Raises ValueError with a short reason for a row that is not a usable pair."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None and rejected is None:
+        raise ValueError("not a preference pair (no 'chosen'/'rejected' fields)")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is None or (isinstance(value, (str, list, dict)) and not value):
+            raise ValueError(f"no {name!r} response")
+    if row.get("prompt") is not None:
+        given = row["prompt"]
+        if isinstance(given, str):
+            if not given.strip():
+                raise ValueError("empty 'prompt'")
+            prompt = [{"role": "user", "content": given}]
+        else:
+            prompt = _messages(given, "'prompt'")
+        chosen_msg = _response(chosen, "chosen", prompt)
+        rejected_msg = _response(rejected, "rejected", prompt)
+    elif formats._turns(row) is not None:
+        prompt = _messages(formats._turns(row), "'conversations'")
+        chosen_msg = _response(chosen, "chosen", prompt)
+        rejected_msg = _response(rejected, "rejected", prompt)
+    else:
+        prompt, chosen_msg, rejected_msg = _implicit(chosen, rejected)
+    if not prompt:
+        raise ValueError("no prompt before the responses")
+    if chosen_msg == rejected_msg:
+        raise ValueError("'chosen' and 'rejected' are identical")
+    if prompt[0]["role"] != "system":
+        system = formats._text(row.get("system")).strip() or system_prompt
+        prompt = ([{"role": "system", "content": system}] if system else []) + prompt
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"the prompt must end on a user turn, not {prompt[-1]['role']}")
+    return prompt, chosen_msg, rejected_msg
+
+
+def _side(prompt: list[Message], response: Message, tokenizer, template: str, tools) -> encoding.Example:
+    """prompt + [response] tokenized with only the final response (and its end-of-turn token) trained."""
+    segments = templates.render_segments(prompt + [response], tokenizer, template, tools)
+    last = max((i for i, (_, train) in enumerate(segments) if train), default=-1)
+    if last == -1:
+        raise ValueError("the template rendered no response")
+    segments = [(text, train and i == last) for i, (text, train) in enumerate(segments)]
+    return encoding.tokenize(segments, tokenizer, train_on_prompt=False)
+
+
+def _trained_from(ex: encoding.Example) -> int:
+    return next((i for i, label in enumerate(ex.labels) if label != encoding.IGNORE), len(ex.labels))
+
+
+def _cut(ex: encoding.Example, n: int) -> encoding.Example:
+    return encoding.Example(ex.input_ids[:n], ex.labels[:n])
+
+
+def prepare_pairs(
+    rows: list[dict[str, Any]], tokenizer, dcfg, template: str, where: str = "data"
+) -> tuple[list[PairExample], encoding.PrepareStats]:
+    """Rows -> tokenized pairs, as `encoding.prepare` does for single responses.
+
+    A side longer than `dcfg.max_length` loses its tail (or, with `truncation: drop`, the pair is dropped);
+    a prompt that leaves no room for the answers is a bad row. Bad rows are a DataError naming the first
+    one and their count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats.
+    KTO rows are a DataError: they hold one response each, not a pair."""
+    from jinja2 import TemplateError
+
+    stats = encoding.PrepareStats(rows=len(rows))
+    pairs: list[PairExample] = []
+    limit = dcfg.max_length
+    for index, row in enumerate(rows):
+        kind = formats.preference_kind(row)
+        if kind is not None and kind.startswith("KTO"):
+            raise DataError(
+                f"{where}: row {index} is {kind}; KTO is not supported by train.objective dpo/orpo, "
+                "which need chosen/rejected pairs"
+            )
+        row = formats.fill_placeholders(row, dcfg.fill)
+        try:
+            prompt, chosen, rejected = pair_messages(row, dcfg.system_prompt)
+            tools = formats.row_tools(row) or None
+            sides = [_side(prompt, answer, tokenizer, template, tools) for answer in (chosen, rejected)]
+        except TemplateError as exc:
+            stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+            continue
+        except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
+            if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
+                raise
+            stats.bad_rows.append(f"row {index}: {exc}")
+            continue
+        except Exception as exc:
+            raise DataError(f"{where}: row {index}: cannot be rendered ({sources._reason(exc)})") from None
+        starts = [_trained_from(ex) for ex in sides]
+        if starts[0] != starts[1] or sides[0].input_ids[: starts[0]] != sides[1].input_ids[: starts[1]]:
+            raise RuntimeError(
+                f"{where}: row {index}: the two sides do not share the prompt's token ids (a bug)"
+            )
+        if starts[0] >= limit:
+            stats.bad_rows.append(
+                f"row {index}: the prompt ({starts[0]} tokens) leaves no room for the answers "
+                f"within max_length {limit}"
+            )
+            continue
+        cut = any(len(ex) > limit for ex in sides)
+        if cut:
+            if dcfg.truncation == "drop":
+                stats.dropped_too_long += 1
+                continue
+            sides = [_cut(ex, limit) for ex in sides]
+            stats.truncated += 1
+            stats.truncated_examples.append(len(pairs))
+        pairs.append(PairExample(*sides))
+    stats.kept = len(pairs)
+    encoding.refuse_bad_rows(stats, dcfg, where, "are not usable preference pairs")
+    return pairs, stats

@@ -1,0 +1,172 @@
+"""Data: load rows, detect their format, render them with a template, tokenize with the prompt masked.
+
+The chain is a set of plain functions, each testable on three-line inputs:
+
+    row --to_messages--> messages --render_segments--> [(text, trainable)] --tokenize--> ids + labels
+
+Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
+pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
+Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
+from here; batching (token budgets, length grouping) lives in `batching.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llama_lora.data import formats
+from llama_lora.data.formats import (
+    Message,
+    reference_answer,
+)
+from llama_lora.errors import DataError
+
+# Strings that close an assistant turn in common chat templates (Llama 3, ChatML/SmolLM2, Phi, Gemma).
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def choose_template(tokenizer, requested: str) -> str:
+    if requested != "auto":
+        if requested == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "data.template: chat requested but this tokenizer has no chat template (use alpaca)"
+            )
+        return requested
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def alpaca_prompt(messages: list[Message]) -> str:
+    """The seed's layout: `### Instruction:` / optional `### Input:` / `### Response:` on their own lines.
+
+    `messages` is everything before the response: optional system, then user (and, in a chat, earlier
+    assistant) turns. A user turn written as `instruction\\n\\ninput` (how alpaca rows become messages) is
+    split back into the Instruction and Input blocks; the Input block is left out when there is no input.
+    Earlier turns of a conversation are rendered as earlier Instruction/Response blocks.
+    """
+    text = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
+    for m in messages:
+        if m["role"] == "user":
+            instruction, _, extra = m["content"].partition("\n\n")
+            text += f"### Instruction:\n{instruction}\n"
+            if extra:
+                text += f"### Input:\n{extra}\n"
+            text += "### Response:\n"
+        elif m["role"] == "assistant":
+            text += f"{m['content']}\n"
+    return text
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tool schemas and tool calls itself: its source refers
+    to both `tools` and `tool_calls` (Llama-3.1+, Qwen2.5, Mistral, Hermes do; SmolLM2, Llama-3.0 do not)."""
+    source = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(source, dict):  # named templates, e.g. {"default": ..., "tool_use": ...}
+        source = "\n".join(map(str, source.values()))
+    source = str(source)
+    return bool(re.search(r"\btools\b", source) and re.search(r"\btool_calls\b", source))
+
+
+def for_template(
+    messages: list[Message], tools: list[dict[str, Any]] | None, tokenizer, template: str
+) -> tuple[list[Message], list[dict[str, Any]] | None]:
+    """Messages and tools as the template will take them: unchanged for a chat template with tool support,
+    else the plain rendering (`formats.plain_tool_messages`, docs/data.md) and no separate tools."""
+    if not formats.uses_tools(messages, tools):
+        return messages, None
+    if template == "chat" and supports_tools(tokenizer):
+        return messages, tools or None
+    return formats.plain_tool_messages(messages, tools), None
+
+
+def _apply_chat(tokenizer, messages: list[Message], generation_prompt: bool, tools=None) -> str:
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
+    )
+
+
+def _closing_token(tokenizer, after: str) -> str:
+    """The end-of-turn string that follows an assistant message in the rendered text ('' if none)."""
+    candidates = [t for t in (getattr(tokenizer, "eos_token", None), *END_OF_TURN) if t]
+    found = [(after.find(t), t) for t in candidates if after.find(t) != -1]
+    if not found:
+        return ""
+    pos, tok = min(found)
+    return after[: pos + len(tok)] if after[:pos].strip() == "" else ""
+
+
+def _turn_end(tokenizer, reply: str) -> tuple[int, str]:
+    """Where a tool-call turn the template wrote itself ends: (position, end-of-turn token), or the end of
+    its text and '' when no end-of-turn token follows."""
+    candidates = [t for t in (getattr(tokenizer, "eos_token", None), *END_OF_TURN) if t]
+    found = [(reply.find(t), t) for t in candidates if reply.find(t) != -1]
+    return min(found) if found else (len(reply.rstrip()), "")
+
+
+def render_segments(
+    messages: list[Message], tokenizer, template: str, tools: list[dict[str, Any]] | None = None
+) -> list[tuple[str, bool]]:
+    """Rendered text as (piece, trainable) segments; trainable = an assistant response and its end token.
+
+    Every response ends with the end-of-turn/EOS token, and that token is trainable, so the model learns
+    to stop. Text after it (such as a template's newline) is not. Tool calls are assistant turns and are
+    trained; tool results, like system and user turns, are not. `tools` are the conversation's tool schemas.
+    """
+    eos = tokenizer.eos_token or ""
+    if messages and messages[0]["role"] == "text":
+        return [(messages[0]["content"] + eos, True)]
+    messages, tools = for_template(messages, tools, tokenizer, template)
+    if template == "alpaca":  # one trained response: the last one
+        answer = reference_answer(messages)
+        prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
+        return [(prompt, False)] + ([(answer + eos, True)] if answer is not None else [])
+
+    segments: list[tuple[str, bool]] = []
+    done = 0  # characters of the final text already placed in segments
+    full = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = _apply_chat(tokenizer, messages[:i], True, tools)
+        full = _apply_chat(tokenizer, messages[: i + 1], False, tools)
+        if not full.startswith(prefix) or len(prefix) < done:
+            raise DataError(
+                "data.template: this chat template does not render turns as a growing prefix; "
+                "use template: alpaca"
+            )
+        segments.append((prefix[done:], False))
+        reply = full[len(prefix) :]
+        if msg.get("tool_calls"):  # the template writes the call its own way: train all it writes
+            content_end, closing = _turn_end(tokenizer, reply)
+        else:
+            start = reply.find(msg["content"])
+            if start == -1:
+                raise DataError(
+                    "data.template: the chat template changes assistant text; use template: alpaca"
+                )
+            content_end = start + len(msg["content"])
+            closing = _closing_token(tokenizer, reply[content_end:])
+        if closing:
+            segments.append((reply[: content_end + len(closing)], True))
+            done = len(prefix) + content_end + len(closing)
+        else:  # the template does not close the turn: add EOS ourselves so the model learns to stop
+            segments.append((reply[:content_end] + eos, True))
+            done = len(prefix) + content_end
+            full = full[:done] + eos + full[done:]
+            done += len(eos)
+    if not segments:  # no assistant message: a prompt for generation
+        return [(_apply_chat(tokenizer, messages, True, tools), False)]
+    if full[done:]:
+        segments.append((full[done:], False))
+    return [(text, train) for text, train in segments if text]
+
+
+def prompt_text(
+    messages: list[Message], tokenizer, template: str, tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The text a model is given at inference: everything before the final assistant response, rendered
+    with the conversation's `tools` exactly as training renders them."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return "".join(t for t, _ in render_segments(messages, tokenizer, template, tools))

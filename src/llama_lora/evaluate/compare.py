@@ -1,0 +1,208 @@
+"""Base model vs adapter on the same held-out prompts (the seed's baseline_inference.py, done properly).
+
+Both sides use one loaded model: the adapter switched off is exactly the base model (PiSSA/OLoRA adapters
+are saved converted, so this holds for them too). Metrics per side: eval loss and perplexity on the
+response tokens, ROUGE-L against the references, generation length, how often generation stopped on its
+own, and the dataset's behaviour probe when it declares one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import run_dir
+from llama_lora.config import Config, DataConfig
+from llama_lora.data import encoding, sources
+from llama_lora.data.batching import eval_batches, pad_id_for
+from llama_lora.errors import LlamaLoraError
+from llama_lora.evaluate import lmeval, report
+from llama_lora.infer import frontends, generate, loading
+from llama_lora.train.objectives.sft import ResponseLoss, eval_sums
+from llama_lora.train.settings import batch_tokens
+
+
+class CompareError(LlamaLoraError):
+    pass
+
+
+def held_out_rows(src: loading.AdapterSource, data_file: str | None) -> tuple[list[dict], str, dict | None]:
+    """The run's eval split (or `data_file`), a label for it, and the dataset's behaviour probe."""
+    if data_file:
+        return sources.load_rows(data_file, "train"), data_file, sources.load_probe(data_file)
+    if src.cfg is None:
+        raise CompareError("compare: this adapter has no run config to find its eval split; pass --data FILE")
+
+    _, held = sources.split_rows(src.cfg.data, src.cfg.train.seed)
+    if not held:
+        raise CompareError(
+            "compare: the run held out no eval rows (data.eval_fraction 0, no eval_split); pass --data FILE"
+        )
+    return (
+        held,
+        f"{src.cfg.data.source} ({src.cfg.data.eval_split or 'eval_fraction'})",
+        sources.load_probe(src.cfg.data.source),
+    )
+
+
+def eval_loss(loaded: loading.Loaded, examples: list[encoding.Example], cfg: Config | None = None) -> float:
+    """Mean response-token loss over `examples`, batched as training batches its evaluation: the run's
+    `train.batch_size` and token budget (the defaults without a run config; an `auto` budget for the device
+    compare runs on). The adapter side then equals the run's `eval_loss`, the base side its `eval_loss_before`."""
+    cfg = cfg or Config()
+    budget = batch_tokens(cfg, loaded.device)
+    batches = eval_batches(examples, cfg.train.batch_size, budget, pad_id_for(loaded.tokenizer))
+    # created in eval mode, so that eval_sums leaves the model in eval mode for generation (no dropout)
+    total, count = eval_sums(ResponseLoss(loaded.model).eval(), batches, loaded.device)
+    return total / max(count, 1)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return statistics.fmean(scores) if scores else 0.0
+
+
+def side_metrics(loaded, examples, prompts, references, probe, settings, cfg=None) -> dict[str, Any]:
+    loss = eval_loss(loaded, examples, cfg)
+    generations = generate.generate_many(loaded, prompts, settings)
+    texts = [g.text for g in generations]
+    out = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "rouge_l": rouge_l(texts, references),
+        "mean_generated_tokens": statistics.fmean(len(g.token_ids) for g in generations),
+        "stop_rate": sum(g.stopped for g in generations) / len(generations),
+        "generations": texts,
+    }
+    if probe:
+        pattern = re.compile(probe["pattern"])
+        out["probe_rate"] = sum(bool(pattern.search(t)) for t in texts) / len(texts)
+    return out
+
+
+def held_out_pairs(rows, loaded, dcfg, label):
+    """Preference pairs -> prompts, chosen answers (the references), chosen examples (their loss) and pairs."""
+    from llama_lora.data import pairs
+
+    pair_examples, _ = pairs.prepare_pairs(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    prompts, references = [], []
+    for row in rows:
+        try:
+            prompt, chosen, _ = pairs.pair_messages(row, dcfg.system_prompt)
+        except ValueError:
+            continue  # prepare_pairs skipped it too (data.skip_bad_rows)
+        prompts.append(prompt)
+        references.append(chosen["content"])
+    return prompts, references, [p.chosen for p in pair_examples], pair_examples
+
+
+@torch.no_grad()
+def preference_metrics(loaded, pair_examples, cfg: Config | None) -> dict[str, float]:
+    """Held-out preference accuracy: how often the model gives the chosen answer a higher summed log-
+    probability than the rejected one (no reference model), and the mean margin between them."""
+    from llama_lora.train.objectives.preference import PreferenceObjective
+
+    cfg = cfg or Config()
+    objective = PreferenceObjective(loaded.model, "orpo", 0.1, 0.0, pad_id_for(loaded.tokenizer))
+    objective.module.eval()
+    margins = []
+    for batch in objective.eval_batches(
+        pair_examples, cfg.train.batch_size, batch_tokens(cfg, loaded.device)
+    ):
+        sums, _ = objective.module.logps(**{k: v.to(loaded.device) for k, v in batch.items()})
+        half = sums.shape[0] // 2
+        margins += (sums[:half] - sums[half:]).tolist()
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+        "preference_margin": statistics.fmean(margins) if margins else 0.0,
+    }
+
+
+def compare(
+    adapter: str,
+    data_file: str | None = None,
+    n: int = 32,
+    max_new_tokens: int = 96,
+    base: str | None = None,
+    device: str = "auto",
+    out_dir: str | None = None,
+    benchmarks: str | None = None,
+    bench_limit: int | None = None,
+    bench_data: str | None = None,
+    verbose: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    bench_names = None
+    if benchmarks:  # unknown tasks and absent files fail before anything is loaded
+        bench_names = lmeval.parse_tasks(benchmarks)
+        lmeval.check_data(bench_names, bench_data)
+    loaded = loading.load(base=base, adapter=adapter, device=device, log=log)
+    src = loaded.source
+    assert src is not None
+    rows, label, probe = held_out_rows(src, data_file)
+    rows = rows[:n]
+    dcfg = (src.cfg.data if src.cfg else None) or DataConfig()
+    pairs_run = src.cfg is not None and src.cfg.train.objective != "sft"
+    if pairs_run:  # a preference run: its held-out rows are pairs; the chosen answer is the reference
+        prompts, references, examples, pair_examples = held_out_pairs(rows, loaded, dcfg, label)
+    else:
+        prompts, references = [], []
+        for row in rows:
+            messages, reference = frontends.row_prompt(row)
+            if reference is None:
+                raise CompareError(f"compare: {label} has rows without a reference response")
+            prompts.append(messages)
+            references.append(reference)
+        examples, _ = encoding.prepare(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
+
+    def one_side() -> dict[str, Any]:
+        out = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
+        return {**out, **preference_metrics(loaded, pair_examples, src.cfg)} if pairs_run else out
+
+    log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
+    adapter_side = one_side()
+    log("... and the base model (adapter switched off)")
+    loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
+    with loaded.model.disable_adapter():
+        base_side = one_side()
+
+    bench = None
+    if bench_names:
+        log(f"general skills: {', '.join(bench_names)} through lm-evaluation-harness, base then adapter")
+        bench = lmeval.run_loaded(loaded, bench_names, bench_data, bench_limit, verbose=verbose)
+    target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
+    result = {
+        "adapter": str(src.adapter_dir),
+        "base_model": src.base_name,
+        "data": label,
+        "n": len(rows),
+        "max_new_tokens": max_new_tokens,
+        "probe": probe,
+        "base": {k: v for k, v in base_side.items() if k != "generations"},
+        "adapter_metrics": {k: v for k, v in adapter_side.items() if k != "generations"},
+        "examples": [
+            {"prompt": p[-1]["content"], "reference": r, "base": b, "adapter": a}
+            for p, r, b, a in zip(prompts, references, base_side["generations"], adapter_side["generations"])
+        ],
+        "benchmarks": bench,
+        "runtime_s": round(time.perf_counter() - start, 2),
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text_atomic(target / "compare.json", json.dumps(result, indent=2) + "\n")
+    metrics = run_dir.read_metrics(src.run_dir / "metrics.jsonl") if src.run_dir else []
+    run_dir.write_text_atomic(target / "report.md", report.markdown(result))
+    run_dir.write_text_atomic(target / "report.html", report.html(result, metrics))
+    result["files"] = [str(target / f) for f in ("compare.json", "report.md", "report.html")]
+    return result

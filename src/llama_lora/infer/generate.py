@@ -1,0 +1,223 @@
+"""Inference: load base / base + adapter / merged model, render prompts like training did, generate.
+
+The prompt template comes from the run that trained the adapter (`config.yaml` in the run directory, or
+`llama_lora.json` inside the adapter or merged directory), so training and inference never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llama_lora.data import encoding, formats, templates
+from llama_lora.data.batching import collate, pad_id_for
+from llama_lora.infer.loading import InferenceError, Loaded
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+def render_prompt(loaded: Loaded, messages: list[formats.Message]) -> list[int]:
+    """Token ids of the prompt, produced exactly as training produced the prompt part of a row."""
+    if loaded.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": loaded.system_prompt}, *messages]
+    text = templates.prompt_text(messages, loaded.tokenizer, loaded.template, loaded.tools)
+    return encoding.tokenize([(text, False)], loaded.tokenizer).input_ids
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stopped: bool  # ended on an end-of-turn/EOS token (not cut by max_new_tokens)
+
+
+class _PrintStreamer:
+    """Prints decoded text as tokens arrive (the same decoding as the final text, so outputs agree)."""
+
+    def __init__(self, tokenizer, stop_ids: list[int], write):
+        self.tokenizer, self.stop_ids, self.write = tokenizer, set(stop_ids), write
+        self.ids: list[int] = []
+        self.shown = ""
+        self.first = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # generate() passes the prompt first
+            self.first = False
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1) if int(t) not in self.stop_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return
+        self.write(text[len(self.shown) :])
+        self.shown = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.write(text[len(self.shown) :])
+        self.shown = text
+
+
+def _pad_id(loaded: Loaded) -> int:
+    return pad_id_for(loaded.tokenizer, fallback=loaded.stop_ids[0] if loaded.stop_ids else None)
+
+
+def _finish(loaded: Loaded, new: list[int], prompt_tokens: int) -> Generation:
+    """Cut the new tokens at the first end-of-turn/EOS token (padding may follow it in a batch) and decode."""
+    end = next((k for k, t in enumerate(new) if t in loaded.stop_ids), None)
+    if end is not None:
+        new = new[:end]
+    return Generation(
+        loaded.tokenizer.decode(new, skip_special_tokens=True), new, prompt_tokens, end is not None
+    )
+
+
+def check_context(loaded: Loaded, ids: list[int]) -> int | None:
+    """The model's context length (None if unknown); raises InferenceError when the prompt leaves no room."""
+    limit = context_length(loaded.model)
+    if limit is not None and len(ids) >= limit:
+        raise InferenceError(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}")
+    return limit
+
+
+def _stop_when(should_stop):
+    """A stopping criterion asking `should_stop()` after every token (a cancelled request, a stop string)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), bool(should_stop()), device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
+
+
+def generate(
+    loaded: Loaded,
+    messages: list[formats.Message],
+    settings: GenerationSettings,
+    stream=None,
+    should_stop=None,
+) -> Generation:
+    """Generate a reply to `messages`. `stream(text)` receives text pieces as they are produced;
+    `should_stop()`, asked after every token, ends generation early when it returns True."""
+    return generate_ids(loaded, render_prompt(loaded, messages), settings, stream, should_stop)
+
+
+@torch.no_grad()
+def generate_ids(
+    loaded: Loaded, ids: list[int], settings: GenerationSettings, stream=None, should_stop=None
+) -> Generation:
+    """`generate` on a prompt that is already token ids (`serve`'s plain completions use it too)."""
+    limit = check_context(loaded, ids)
+    max_new = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    input_ids = torch.tensor([ids], device=loaded.device)
+    streamer = _PrintStreamer(loaded.tokenizer, loaded.stop_ids, stream) if stream else None
+    out = loaded.model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new,
+        eos_token_id=loaded.stop_ids,
+        pad_token_id=_pad_id(loaded),
+        streamer=streamer,
+        stopping_criteria=_stop_when(should_stop) if should_stop else None,
+        **settings.kwargs(),
+    )
+    return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
+
+
+@torch.no_grad()
+def generate_many(
+    loaded: Loaded,
+    conversations: list[list[formats.Message]],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+) -> list[Generation]:
+    """Greedy/sampled replies for many prompts, left-padded into batches (generation on CPU is dominated
+    by per-step overhead, so a batch of 8 costs little more than one prompt)."""
+    prompts = [render_prompt(loaded, m) for m in conversations]
+    limit = context_length(loaded.model)
+    for ids in prompts:
+        if limit is not None and len(ids) + settings.max_new_tokens > limit:
+            raise InferenceError(
+                f"a prompt is {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
+                f"it exceeds the model's context of {limit}"
+            )
+    pad = _pad_id(loaded)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    results: dict[int, Generation] = {}
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate(
+            [encoding.Example(prompts[i], [encoding.IGNORE] * len(prompts[i])) for i in chunk], pad, "left"
+        )
+        width = batch["input_ids"].shape[1]
+        out = loaded.model.generate(
+            input_ids=batch["input_ids"].to(loaded.device),
+            attention_mask=batch["attention_mask"].to(loaded.device),
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=loaded.stop_ids,
+            pad_token_id=pad,
+            **settings.kwargs(),
+        )
+        for row, i in enumerate(chunk):
+            results[i] = _finish(loaded, out[row, width:].tolist(), len(prompts[i]))
+    return [results[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def greedy_probe(
+    model, prompts: list[list[int]], new_tokens: int, stop_ids: list[int] | None = None
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """The logits over each prompt (float32, on the CPU) and up to `new_tokens` greedy tokens after it, from a
+    plain cached forward loop, so that two models (merged vs unmerged, GGUF vs source) can be compared.
+
+    With `stop_ids` a prompt's tokens end before the first stop token (what `generate` returns); without, all
+    `new_tokens` are produced, so every position is compared.
+    """
+    device = next(model.parameters()).device
+    stops = set(stop_ids or ())
+    logits, tokens = [], []
+    for ids in prompts:
+        result = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        logits.append(result.logits[0].float().cpu())
+        out: list[int] = []
+        for _ in range(new_tokens):
+            token = int(result.logits[0, -1].argmax())
+            if token in stops:
+                break
+            out.append(token)
+            if len(out) < new_tokens:  # the last token needs no forward pass of its own
+                step = torch.tensor([[token]], device=device)
+                result = model(input_ids=step, cache=result.cache, use_cache=True)
+        tokens.append(out)
+    return logits, tokens

@@ -1,0 +1,254 @@
+"""Build: everything a training run needs before its first step, in two stages with nothing written.
+
+    load(cfg)        tokenizer -> rows -> examples -> frozen base -> Settings (settings.py), base fingerprint
+    attach(...)      adapter -> CPU fast path -> objective -> optimizer -> step plan -> scheduler
+
+`train.py` runs them around the one point where the run directory is created (between the two, since
+PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
+an A/B exactly as training does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import meta
+from llama_lora.config import Config, TrainConfig
+from llama_lora.data.batching import pad_id_for, plan_batches
+from llama_lora.data.dataset import Dataset, load_dataset
+from llama_lora.errors import ConfigError
+from llama_lora.kernels import fused
+from llama_lora.kernels.fastpath import FastPath
+from llama_lora.model import adapters, hardware, loader
+from llama_lora.train import settings
+from llama_lora.train.objectives.preference import PreferenceObjective
+from llama_lora.train.objectives.sft import ResponseObjective
+from llama_lora.train.settings import Settings
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``; ``t.optim`` auto takes torch's fused implementation where the device has one."""
+    kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
+    if t.optim == "adamw_torch_fused" or (t.optim == "auto" and all(map(_fused_adamw_supported, params))):
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+try:  # torch checks this only at the first step; the check itself is private, so fall back to CPU/CUDA
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+except ImportError:
+    _device_dtype_check_for_fused = None
+
+
+def _fused_adamw_supported(p: torch.Tensor) -> bool:
+    if _device_dtype_check_for_fused is None:
+        return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        _device_dtype_check_for_fused(p)
+    except RuntimeError:
+        return False
+    return True
+
+
+def micro_batch_plan(
+    ds: Dataset, cfg: Config, budget: int | None, processes: int = 1
+) -> tuple[list[list[list[int]]], int]:
+    """The run's optimizer steps in order, each a group of `processes` x grad_accum micro-batches (lists of
+    example indices; see parallel.py), and how many micro-batches one epoch has."""
+    tcfg = cfg.train
+    lengths = [len(e) for e in ds.train]
+
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_batches(lengths, tcfg.batch_size, budget, seed=tcfg.seed + epoch)
+
+    per_epoch = len(epoch_plan(0))
+    plan: list[list[int]] = []
+    if tcfg.max_steps:
+        wanted = tcfg.max_steps * tcfg.grad_accum * processes
+        epoch = 0
+        while len(plan) < wanted:
+            plan.extend(epoch_plan(epoch))
+            epoch += 1
+        plan = plan[:wanted]
+    else:
+        for epoch in range(math.ceil(tcfg.epochs)):
+            batches = epoch_plan(epoch)
+            fraction = min(1.0, tcfg.epochs - epoch)
+            plan.extend(batches[: max(1, round(len(batches) * fraction))])
+    per_step = tcfg.grad_accum * processes
+    return [plan[i : i + per_step] for i in range(0, len(plan), per_step)], per_epoch
+
+
+def build_accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # each run in a process gets its own device/precision settings; safe under torchrun too, since
+    # accelerate only creates the process group when none exists
+    AcceleratorState._reset_state(True)
+    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def load_base(cfg: Config, precision: str, ref: loader.ModelRef):
+    """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
+    if cfg.model.load_in_4bit:
+        compute = torch.float16 if precision == "fp16" else torch.bfloat16
+        # sharded (QLoRA + FSDP): the packed 4-bit weights stored as `compute` elements, which FSDP can split
+        storage = compute if cfg.train.sharding == "fsdp" else None
+        return loader.load_model_4bit(cfg.model, compute, ref, quant_storage=storage)
+    return loader.load_model(cfg.model, hardware.storage_dtype(cfg.model, precision), ref)
+
+
+def start_adapter(cfg: Config) -> Path | None:
+    """`model.adapter` as an adapter directory (a run directory holds it in adapter/), or None."""
+    if cfg.model.adapter is None:
+        return None
+    path = Path(cfg.model.adapter)
+    for candidate in (path / "adapter", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"model.adapter: {path} is not a run directory or an adapter directory")
+
+
+@dataclass
+class Loaded:
+    """What `load` makes: the data and the frozen base, and the settings resolved for them."""
+
+    cfg: Config
+    tokenizer: Any
+    ds: Dataset
+    model: Any  # the frozen base (transformers)
+    settings: Settings
+    fingerprint: dict[str, Any]
+
+
+def load(
+    cfg: Config,
+    rows: tuple[list[dict], list[dict]] | None = None,
+    seed: bool = True,
+    device_precision: tuple[str, str] | None = None,
+) -> Loaded:
+    """Tokenizer, examples and the frozen base, and the `Settings` resolved for them. Writes nothing.
+    `seed`: seed torch first (every process alike, so every one draws the same initial adapter).
+    `device_precision`: what `hardware.describe_device(cfg.train)` gave the caller, if it asked already."""
+    from transformers import set_seed
+
+    device, precision = device_precision or hardware.describe_device(cfg.train)
+    start = start_adapter(cfg)
+    if start is not None:  # the continued adapter's shape, so config.yaml and the summary say what runs
+        cfg = cfg.model_copy(update={"peft": cfg.peft.model_copy(update=adapters.shape_of(start))})
+    ref = loader.resolve(cfg.model.name)
+    tokenizer = loader.load_tokenizer(cfg.model, ref)
+    ds = load_dataset(cfg, tokenizer, rows)
+    if seed:
+        set_seed(cfg.train.seed)
+    model = load_base(cfg, precision, ref)
+    adapters.check_targets(model, cfg.peft.target_modules)
+    stored = (meta.read_meta(start) or {}).get("base_fingerprint") if start is not None else None
+    if stored is not None and not meta.fingerprint_matches(stored, model):
+        raise ConfigError(
+            f"model.adapter: {cfg.model.adapter} was trained for a different base model than {cfg.model.name} "
+            "(shapes or weights differ)"
+        )
+    return Loaded(
+        cfg,
+        tokenizer,
+        ds,
+        model,
+        settings.resolve(cfg, model.config, device, precision),
+        meta.base_fingerprint(model),
+    )
+
+
+@dataclass
+class Setup:
+    """What `attach` makes: the trainable model and everything that steps it."""
+
+    loaded: Loaded
+    peft_model: Any
+    fast: FastPath
+    objective: ResponseObjective | PreferenceObjective
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: list[list[list[int]]]  # optimizer steps, each a group of micro-batches (example indices)
+    per_epoch: int  # micro-batches in one epoch
+    initial_dir: Path | None  # PiSSA/OLoRA: the initial adapter, needed again when saving
+
+
+def attach(
+    loaded: Loaded,
+    processes: int = 1,
+    initial_dir: Path | None = None,
+    layers=fused,
+    sharded: bool = False,
+) -> Setup:
+    """Adapter, fast path, objective, optimizer, step plan and schedule on `loaded`'s base. `layers`: the
+    fused-projection module (bench/paired_steps.py swaps in another version of fused.py). `sharded`: FSDP2
+    over the launch's processes (sharding.py), applied before DPO's reference pass and the optimizer."""
+    from transformers import get_scheduler
+
+    cfg, s = loaded.cfg, loaded.settings
+    t = cfg.train
+    if s.gradient_checkpointing:
+        loader.enable_checkpointing(loaded.model)
+    peft_model = adapters.attach(
+        loaded.model,
+        cfg.peft,
+        s.device,
+        initial_dir=initial_dir,
+        autocast=s.autocast,
+        start_from=start_adapter(cfg),
+    )
+    s.fast_path.install(peft_model, loaded.model, layers=layers)
+    pad = pad_id_for(loaded.tokenizer)
+    if cfg.train.objective == "sft":
+        objective = ResponseObjective(
+            peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad
+        )
+    else:
+        objective = PreferenceObjective(
+            peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
+        )
+    if sharded:
+        from llama_lora.kernels.head import decoder_and_head
+        from llama_lora.train import sharding
+
+        sharding.shard(objective.module, decoder_and_head(peft_model)[0].layers, torch.device(s.device))
+    if cfg.train.objective != "sft":
+        device = next(p for p in peft_model.parameters()).device
+        dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
+        # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's
+        # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
+        fresh = start_adapter(cfg) is None and cfg.peft.init_lora_weights in (True, "gaussian")
+        adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
+        with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
+            for examples in (loaded.ds.train, loaded.ds.eval):
+                objective.precompute_reference(examples, t.batch_size, s.batch_tokens, device)
+    params = [p for p in objective.module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.train)
+    steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * len(steps)),
+        num_training_steps=len(steps),
+    )
+    return Setup(
+        loaded,
+        peft_model,
+        s.fast_path,
+        objective,
+        params,
+        optimizer,
+        scheduler,
+        steps,
+        per_epoch,
+        initial_dir,
+    )

@@ -1,0 +1,484 @@
+"""Training: build (build.py), then restore, step, loop and summary here, on accelerate.
+
+    build.load -> validate, create the run dir -> build.attach -> [restore from a checkpoint]
+    loop: one step (forward -> backward over the step's micro-batches -> clip -> optimizer -> schedule)
+          -> log / eval / save
+    summary -> adapter/, train_summary.json, loss.png
+
+The loop takes an objective (loss.ResponseObjective today): its module gives the summed loss and unit count
+of a batch, and a step divides the sum by the units of the whole step, so the loop holds no `if` about what
+is trained. Under `torchrun` / `accelerate launch` every process runs this same code on its share of each
+step's micro-batches (see parallel.py); only the main process writes the run directory and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_lora import meta, run_dir
+from llama_lora.config import Config
+from llama_lora.errors import LlamaLoraError
+from llama_lora.model import adapters, hardware, loader
+from llama_lora.progress import Reporter
+from llama_lora.train import build, checkpoint, parallel, tracking
+from llama_lora.train.objectives.sft import eval_sums
+
+
+class TrainingError(LlamaLoraError):
+    pass
+
+
+class TrainingInterrupted(TrainingError):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]
+    model: Any  # the PeftModel in memory after training (fast path uninstalled: plain PEFT)
+    tokenizer: Any
+    run: Path
+    main: bool = True  # False on the other processes of a data-parallel run (they wrote nothing)
+
+
+@dataclass
+class Counters:
+    """The loop's running totals; saved in each checkpoint so a resumed run's summary and metrics continue."""
+
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    micro_done: int = 0
+    last_loss: float = float("nan")
+    window_loss: float = 0.0  # sums since the last metrics record
+    window_labels: int = 0
+    window_tokens: int = 0
+    window_time: float = 0.0
+    processes: int = 1  # the data-parallel width: a checkpoint resumes only with the same one
+
+    def add(self, loss_sum: float, units: int, tokens: int, micro_batches: int, seconds: float) -> None:
+        self.train_time += seconds
+        self.window_time += seconds
+        self.window_loss += loss_sum
+        self.window_labels += units
+        self.window_tokens += tokens
+        self.micro_done += micro_batches
+        self.last_loss = loss_sum / units
+        self.tokens_seen += tokens
+
+    def take_window(self) -> dict[str, float]:
+        record = {
+            "loss": self.window_loss / self.window_labels,
+            "tokens_per_second": self.window_tokens / self.window_time,
+        }
+        self.window_loss, self.window_labels, self.window_tokens, self.window_time = 0.0, 0, 0, 0.0
+        return record
+
+
+class SigintFlag:
+    """While active, the first Ctrl-C only sets `requested` (the loop saves a checkpoint at the end of the
+    step, then stops); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def build_accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # each run in a process gets its own device/precision settings; safe under torchrun too, since
+    # accelerate only creates the process group when none exists
+    AcceleratorState._reset_state(True)
+    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def gather_peaks(accelerator, device: str, model) -> list[dict[str, float]]:
+    """`peak_memory_mb` of every process, in rank order (every process takes part), with the megabytes of
+    model parameters the process holds (a sharded run: its shards)."""
+    from llama_lora.train.sharding import local_bytes
+
+    mine = {**peak_memory_mb(device), "parameters_mb": round(local_bytes(model) / 2**20, 2)}
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return gather_object([mine])
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    out = {"peak_rss_mb": round(rss_mb, 1)}
+    if device == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    out["peak_memory_mb"] = out.get("peak_cuda_mb", out["peak_rss_mb"])
+    return out
+
+
+class Run:
+    """One training run in progress: the built setup, the accelerator, the run directory and the metrics.
+    `step` is one optimizer step; `loop` runs the steps; `evaluate`, `save_checkpoint` serve both."""
+
+    def __init__(self, setup: build.Setup, accelerator, run: Path, quiet: bool, log, sharded: bool = False):
+        self.setup, self.cfg, self.ds = setup, setup.loaded.cfg, setup.loaded.ds
+        self.accelerator, self.run, self.sharded = accelerator, run, sharded
+        self.main, self.rank = accelerator.is_main_process, accelerator.process_index
+        self.world = accelerator.num_processes
+        self.quiet, self.say = quiet, (lambda *a: None) if quiet or not self.main else log
+        if sharded:  # FSDP2 placed and wrapped the model already (sharding.py); no DDP, no wrapper
+            self.module, self.optimizer = setup.objective.module, setup.optimizer
+        else:  # a 4-bit model already sits on its GPU and cannot be moved
+            self.module, self.optimizer = accelerator.prepare(
+                setup.objective.module,
+                setup.optimizer,
+                device_placement=[not self.cfg.model.load_in_4bit, True],
+            )
+        self.eval_module = accelerator.unwrap_model(self.module)  # evaluation needs no gradient sync
+        self.units = [setup.objective.units(e) for e in self.ds.train]
+        tcfg, budget = self.cfg.train, setup.loaded.settings.batch_tokens
+        self.eval_batches = setup.objective.eval_batches(self.ds.eval, tcfg.batch_size, budget)
+        self.counters = Counters(processes=self.world)
+        self.metrics: run_dir.MetricsLog | None = None
+
+    def evaluate(self) -> float | None:
+        """Each process evaluates every world-th batch; the sums are added up (all processes call this)."""
+        if not self.eval_batches:
+            return None
+        mine = self.eval_batches[self.rank :: self.world]
+        acc = self.accelerator
+        with acc.autocast() if self.sharded else contextlib.nullcontext():
+            if self.sharded:  # every forward gathers weights from all processes: all run as many
+                spare = -(-len(self.eval_batches) // self.world) - len(mine)
+                if spare:
+                    eval_sums(self.eval_module, self.eval_batches[:1] * spare, acc.device)
+                    self.setup.objective.take_metrics("eval")  # what the spare forwards measured: dropped
+            sums = eval_sums(self.eval_module, mine, acc.device)
+        total, count = parallel.sum_across(acc, *sums)
+        return total / max(count, 1)
+
+    def eval_extras(self) -> dict[str, float]:
+        """What the objective measured during the last evaluation besides the loss (DPO: rewards), over
+        all processes (all call this)."""
+        return self.setup.objective.take_metrics("eval", self.sum_across)
+
+    def sum_across(self, *values: float) -> list[float]:
+        return parallel.sum_across(self.accelerator, *values)
+
+    def gathered(self) -> tuple[dict, dict] | None:
+        """A sharded run's full adapter and optimizer state (every process takes part); None otherwise."""
+        if not self.sharded:
+            return None
+        from llama_lora.train import sharding
+
+        return sharding.adapter_state(self.setup.peft_model), sharding.optimizer_state(self.optimizer)
+
+    def save_checkpoint(self, step: int) -> Path:
+        other_rng = parallel.rng_states(self.accelerator)  # every process takes part
+        gathered = self.gathered()
+        if self.main:
+            s = self.setup
+            state = (
+                s.peft_model,
+                self.optimizer,
+                s.scheduler,
+                asdict(self.counters),
+                self.accelerator.scaler,
+            )
+            checkpoint.save(self.run, step, *state, other_rng, gathered)
+            run_dir.prune_checkpoints(self.run, self.cfg.train.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return self.run / "checkpoints" / f"checkpoint-{step}"
+
+    def start(self) -> float | None:
+        """A new run: metrics.jsonl opened, the base model evaluated (step 0)."""
+        self.metrics = run_dir.MetricsLog(
+            self.run / "metrics.jsonl" if self.main else None,
+            sinks=tracking.open_sinks(self.cfg, self.run, self.main),
+        )
+        before = self.evaluate()
+        self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": before, **self.eval_extras()})
+        if before is not None:
+            self.say(f"eval loss before training: {before:.4f}")
+        return before
+
+    def restore(self, start_from: Path) -> tuple[int, float | None]:
+        """Continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG, counters.
+        Returns the step it covers and the eval loss before training."""
+        s, acc = self.setup, self.accelerator
+        restored = checkpoint.load(
+            start_from,
+            s.peft_model,
+            self.optimizer,
+            s.scheduler,
+            acc.scaler,
+            self.rank,
+            acc.device,
+            sharded=self.sharded,
+        )
+        first, self.counters = restored["step"], Counters(**restored["counters"])
+        if self.counters.processes != self.world:
+            raise TrainingError(
+                f"--resume: {start_from} was saved by a run on {self.counters.processes} process(es); resume "
+                f"it with the same number (this one has {self.world}), since the batches of each step depend on it"
+            )
+        records = self.run / "metrics.jsonl"
+        if self.main:
+            for later in run_dir.checkpoint_dirs(self.run):  # checkpoints after this one: an abandoned future
+                if run_dir.checkpoint_step(later) > first:
+                    shutil.rmtree(later)
+            self.metrics = run_dir.metrics_up_to(
+                records, first, tracking.open_sinks(self.cfg, self.run, True)
+            )
+        acc.wait_for_everyone()
+        if not self.main:
+            self.metrics = run_dir.MetricsLog(None, run_dir.records_up_to(records, first))
+        before = next((r.get("eval_loss") for r in self.metrics.records if r["step"] == 0), None)
+        self.say(f"resuming from {start_from} (step {first} of {len(s.steps)})")
+        return first, before
+
+    def step(
+        self, number: int, group: list[list[int]], interrupt: SigintFlag
+    ) -> tuple[float, int, int, bool]:
+        """Optimizer step `number` over `group`'s micro-batches (this process's share of them): the summed
+        loss and units of the whole group, its non-padding tokens, and whether any process asked to stop."""
+        s, acc, rows = self.setup, self.accelerator, self.ds.train
+        units = sum(self.units[i] for b in group for i in b)  # the whole group's, on every process
+        tokens = sum(len(rows[i]) for b in group for i in b)
+        share = parallel.my_share(group, self.rank, self.world)
+        loss = 0.0
+        for slot, (b, weight) in enumerate(share):
+            batch = {k: v.to(acc.device) for k, v in s.objective.collate([rows[i] for i in b]).items()}
+            if hasattr(s.objective.module, "record"):  # a weightless re-run adds nothing to the metrics
+                s.objective.module.record = weight > 0
+            last = slot == len(share) - 1
+            if self.sharded:  # FSDP2 reduce-scatters on the last micro-batch only, averaging as DDP does
+                self.module.set_requires_gradient_sync(last)
+                with acc.autocast():  # what accelerate's prepare() wraps an unsharded forward in
+                    loss_sum, _ = self.module(**batch)
+                (loss_sum * (weight * self.world) / units).backward()
+            else:
+                with parallel.sync_unless_last(acc, self.module, last=last):
+                    loss_sum, _ = self.module(**batch)
+                    # DDP averages gradients over processes; x world makes it the group's sum / units
+                    acc.backward(loss_sum * (weight * self.world) / units)
+            loss += weight * float(loss_sum.detach())
+        if hasattr(s.objective.module, "record"):
+            s.objective.module.record = True
+        loss, stop = parallel.sum_across(acc, loss, float(interrupt.requested))
+        if not math.isfinite(loss):
+            good = [p for p in run_dir.checkpoint_dirs(self.run) if checkpoint.is_complete(p)]
+            kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
+            raise TrainingError(
+                f"training loss became {loss} at step {number}; stopped ({kept}). "
+                "Lower train.learning_rate or check the data."
+            )
+        if self.cfg.train.max_grad_norm and self.sharded:  # the norm of sharded gradients: torch's own
+            torch.nn.utils.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
+        elif self.cfg.train.max_grad_norm:
+            acc.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        s.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, units, tokens, bool(stop)
+
+    def loop(self, first: int) -> None:
+        """Steps first+1 .. the last, logging, evaluating and saving as the config says."""
+        tcfg, steps, c = self.cfg.train, self.setup.steps, self.counters
+        last = len(steps)
+        self.module.train()
+        with Reporter(total=last, quiet=self.quiet or not self.main) as reporter, SigintFlag() as interrupt:
+            for step, group in enumerate(steps[first:], start=first + 1):
+                t0 = time.perf_counter()
+                loss, units, tokens, stop = self.step(step, group, interrupt)
+                c.add(loss, units, tokens, len(group), time.perf_counter() - t0)
+                epoch = round(c.micro_done / self.setup.per_epoch, 4)
+                reporter.update(step, c.last_loss, c.tokens_seen / c.train_time)
+                if step % tcfg.logging_steps == 0 or step == last:
+                    lr = self.setup.scheduler.get_last_lr()[0]
+                    window = c.take_window()
+                    record = {"step": step, "epoch": epoch, "loss": window.pop("loss"), "learning_rate": lr}
+                    extras = self.setup.objective.take_metrics("train", self.sum_across)
+                    self.metrics.write({**record, **window, **extras})
+                if tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != last:
+                    eval_loss = self.evaluate()
+                    self.metrics.write(
+                        {"step": step, "epoch": epoch, "eval_loss": eval_loss, **self.eval_extras()}
+                    )
+                    if eval_loss is not None:  # None: no eval rows
+                        reporter.note(f"step {step}: eval loss {eval_loss:.4f}")
+                saved = None
+                if tcfg.save_steps and step % tcfg.save_steps == 0 and step != last:
+                    saved = self.save_checkpoint(step)
+                if stop and step != last:  # any process's Ctrl-C stops all of them at the same step
+                    saved = saved or self.save_checkpoint(step)
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step} of {last}; saved {saved}. "
+                        "Continue with the same command plus --resume"
+                    )
+
+    def finish(self, eval_before: float | None) -> dict[str, Any]:
+        """Evaluate, save the adapter, write train_summary.json and loss.png; the fast path comes off."""
+        s, loaded, c = self.setup, self.setup.loaded, self.counters
+        eval_after = self.evaluate()
+        epochs = round(c.micro_done / s.per_epoch, 4)
+        self.metrics.write(
+            {"step": len(s.steps), "epoch": epochs, "eval_loss": eval_after, **self.eval_extras()}
+        )
+        self.metrics.close()
+        s.fast.uninstall(s.peft_model, loaded.model)  # what is saved and returned is plain PEFT
+        full = self.gathered()
+        if self.sharded:  # FSDP2 keeps the root group (embedding, lm_head) gathered after a forward
+            self.module.reshard()
+        self.peaks = gather_peaks(self.accelerator, self.setup.loaded.settings.device, s.peft_model)
+        if self.main:
+            with run_dir.atomic_dir(self.run / "adapter") as tmp:
+                adapters.save_adapter(
+                    s.peft_model,
+                    tmp,
+                    loaded.tokenizer,
+                    initial_dir=s.initial_dir,
+                    state_dict=full[0] if full else None,
+                )
+                meta.write_meta(tmp, self.cfg.model_dump(mode="json"), loaded.ds.template, loaded.fingerprint)
+        self.accelerator.wait_for_everyone()
+        if s.initial_dir is not None:
+            shutil.rmtree(s.initial_dir.parent, ignore_errors=True)
+        summary = self.summary(eval_before, eval_after, epochs)
+        if self.main:
+            run_dir.write_json(self.run / "train_summary.json", summary)
+            title = f"{self.cfg.model.name} ({summary['method']})"
+            run_dir.plot_losses(self.metrics.records, self.run / "loss.png", title=title)
+        return summary
+
+    def summary(self, eval_before: float | None, eval_after: float | None, epochs: float) -> dict[str, Any]:
+        cfg, ds, c, st = self.cfg, self.ds, self.counters, self.setup.loaded.settings
+        train_losses = [r["loss"] for r in self.metrics.records if r.get("loss") is not None]
+        return {
+            "model": cfg.model.name,
+            "method": "dora" if cfg.peft.use_dora else "lora",
+            "objective": cfg.train.objective,
+            "dataset": cfg.data.source,
+            "template": ds.template,
+            "train_rows": ds.train_rows,
+            "train_examples": len(ds.train),
+            "eval_rows": ds.eval_rows,
+            "eval_examples": len(ds.eval),
+            "skipped_bad_rows": ds.skipped_rows,
+            "steps": len(self.setup.steps),
+            "epochs": epochs,
+            "train_loss": train_losses[-1] if train_losses else c.last_loss,
+            "eval_loss": eval_after,
+            "eval_loss_before": eval_before,
+            "runtime_s": round(c.train_time, 2),
+            "train_tokens": c.tokens_seen,  # all processes together, as is tokens_per_second
+            "tokens_per_second": round(c.tokens_seen / c.train_time, 2) if c.train_time else None,
+            "processes": self.world,
+            "sharding": "fsdp" if self.sharded else "none",
+            "device": st.device,
+            "precision": st.precision,
+            "load_in_4bit": cfg.model.load_in_4bit,
+            "trainable_parameters": adapters.trainable_parameters(self.setup.peft_model)[0],
+            "gradient_checkpointing": st.gradient_checkpointing,
+            "fused": st.fast_path.fused,
+            "settings": st.as_dict(),
+            "torch": torch.__version__,  # the CUDA build costs more resident memory on a CPU (docs/memory.md)
+            **peak_memory_mb(st.device),  # of the main process
+            "peak_memory_per_process": getattr(self, "peaks", None),
+            "finished_at": run_dir.timestamp(),
+        }
+
+
+def _model_line(setup: build.Setup, world: int) -> str:
+    cfg = setup.loaded.cfg
+    n_train, n_total = adapters.trainable_parameters(setup.peft_model)
+    return (
+        f"model {cfg.model.name}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
+        f"({'DoRA' if cfg.peft.use_dora else 'LoRA'} r={cfg.peft.r}"
+        f"{', 4-bit base' if cfg.model.load_in_4bit else ''})"
+        + (f", {world} processes" if world > 1 else "")
+        + (", sharded (FSDP2)" if world > 1 and cfg.train.sharding == "fsdp" else "")
+    )
+
+
+def train(
+    cfg: Config, overwrite: bool = False, quiet: bool = False, log=print, resume: str | None = None
+) -> TrainResult:
+    """Train an adapter as `cfg` says. The summary is also written to train_summary.json.
+
+    `resume` = "latest" (or a checkpoint name or path in output.dir) continues an interrupted run from its
+    checkpoint; the result equals the uninterrupted run's."""
+    tracking.check_installed(cfg.train.report_to)  # a missing tracker fails before any slow work
+    device, precision = hardware.describe_device(cfg.train)
+    loader.check_load_in_4bit(cfg.model, device)
+    adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
+    accelerator = build_accelerator(device, precision)
+    if parallel.check_supported(accelerator):  # accelerate's FSDP version 2 config
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sharding": "fsdp"})})
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    say = (lambda *a: None) if quiet or not main else log
+    sharded = cfg.train.sharding == "fsdp" and world > 1
+    if cfg.train.sharding == "fsdp":
+        from llama_lora.train import sharding
+
+        sharding.check(cfg, device)
+        if not sharded:
+            say("train.sharding: fsdp with one process: nothing to shard, training unsharded")
+    start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
+
+    loaded = build.load(cfg, device_precision=(device, precision))
+    cfg = loaded.cfg  # with model.adapter, the peft keys are the continued adapter's
+    for note in loaded.ds.notes:
+        say(note)
+    run = Path(cfg.output.dir)
+    if start_from is None:
+        run_dir.refuse_existing(run, overwrite)  # every process checks before the main one writes
+    accelerator.wait_for_everyone()
+    if main:
+        if start_from is None:
+            run = run_dir.prepare(run, overwrite)  # nothing is written before this point
+        run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
+    initial = None
+    if adapters.converts_on_save(cfg.peft.init_lora_weights):  # other processes keep theirs out of the run
+        initial = (
+            run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
+        ) / "adapter_init"
+    setup = build.attach(loaded, world, initial, sharded=sharded)
+    say(_model_line(setup, world))
+    say(loaded.settings.describe())
+
+    training = Run(setup, accelerator, run, quiet, log, sharded=sharded)
+    if start_from is None:
+        first, eval_before = 0, training.start()
+    else:
+        first, eval_before = training.restore(start_from)
+    training.loop(first)
+    summary = training.finish(eval_before)
+    return TrainResult(summary, setup.peft_model, loaded.tokenizer, run, main)

@@ -1,0 +1,124 @@
+"""Response-token loss computed only where labels exist.
+
+A causal LM head applied to every position builds a batch x length x vocab logits tensor (49k vocab for
+SmolLM2, 128k for Llama-3.2) although the loss uses only response tokens. Here the decoder's hidden states
+are gathered at labelled positions first and only those go through lm_head, in chunks (`chunk_rows`).
+
+The head is frozen (adapters never train it), so the loss needs a gradient for the hidden states only, and
+that gradient is known as soon as a chunk's logits are: d loss / d logits = softmax(logits) - onehot(target),
+so d loss / d h = (softmax - onehot) @ W. `LinearCrossEntropy` computes it in the forward pass, chunk by
+chunk, and keeps only that (n_labelled x hidden) tensor for backward. At most one chunk of logits exists at a
+time, and nothing is recomputed: compared with checkpointing each chunk (recompute logits, then autograd's
+log-softmax backward) this saves one lm_head matmul and the log-softmax backward per labelled token. A head
+that does require gradients (not something llama-lora trains) takes the plain checkpointed path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llama_lora.data.encoding import IGNORE
+from llama_lora.kernels.head import LinearCrossEntropy, chunk_rows, decoder_and_head
+
+
+class ResponseLoss(nn.Module):
+    """forward(input_ids, labels, attention_mask) -> (sum of token losses, number of labelled tokens).
+
+    A packed batch (packing.collate_packed) passes position_ids and llama_lora_rows instead of a mask.
+
+    Returning the sum (not the mean) lets the caller normalise by the token count of a whole
+    gradient-accumulation group, so every response token weighs the same whatever batch it fell into.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # a PeftModel (or plain causal LM)
+
+    def _parts(self) -> tuple[nn.Module, nn.Module]:
+        return decoder_and_head(self.model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **packed,  # position_ids and llama_lora_rows of a packed batch (packing.collate_packed)
+    ):
+        decoder, lm_head = self._parts()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        picked = hidden[:, :-1][keep]  # (n_labelled, hidden)
+        wanted = targets[keep]
+
+        if not lm_head.weight.requires_grad and getattr(lm_head, "bias", None) is None:
+            return LinearCrossEntropy.apply(picked, lm_head.weight, wanted), keep.sum()
+
+        def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        rows = chunk_rows(lm_head.weight.shape[0])
+        for start in range(0, picked.shape[0], rows):
+            h, y = picked[start : start + rows], wanted[start : start + rows]
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+            else:
+                total = total + chunk_loss(h, y)
+        return total, keep.sum()
+
+
+def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same quantity through the model's own forward (full logits); used by tests to check ours."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+class ResponseObjective:
+    """Supervised fine-tuning, as the trainer takes an objective: `module` (forward(**batch) -> (loss sum,
+    units)), `collate` (examples -> batch) and `units` (what a step's summed loss is divided by: here an
+    example's response tokens). A preference objective plugs in with the same three."""
+
+    def __init__(self, model: nn.Module, collate, pad_id: int = 0):
+        self.module = ResponseLoss(model)
+        self.collate = collate
+        self.pad_id = pad_id
+
+    @staticmethod
+    def units(example) -> int:
+        return sum(1 for y in example.labels[1:] if y != IGNORE)
+
+    def eval_batches(
+        self, examples, batch_size: int, max_batch_tokens: int | None
+    ) -> list[dict[str, torch.Tensor]]:
+        from llama_lora.data.batching import eval_batches
+
+        return eval_batches(examples, batch_size, max_batch_tokens, self.pad_id)
+
+    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
+        return {}  # the loss is all SFT logs
+
+
+@torch.no_grad()
+def eval_sums(loss_fn, batches: list[dict[str, torch.Tensor]], device) -> tuple[float, int]:
+    """Summed response-token loss and the number of those tokens over `batches`."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+        total += float(s)
+        count += int(n)
+    loss_fn.train(was_training)
+    return total, count
