@@ -217,6 +217,21 @@ def is_run(path: Path) -> bool:
     return (path / "train_summary.json").is_file() or (path / "config.yaml").is_file()
 
 
+def adapter_dir_of(path: str | Path) -> Path | None:
+    """The one answer to "run directory or adapter directory?": the adapter directory `path` names (a run
+    directory holds it in adapter/), or None when `path` is neither."""
+    path = Path(path)
+    for candidate in (path / "adapter", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+def run_of(adapter_dir: Path) -> Path | None:
+    """The run directory an adapter directory belongs to (its parent holds config.yaml), or None."""
+    return adapter_dir.parent if (adapter_dir.parent / "config.yaml").is_file() else None
+
+
 def find_runs(root: Path, depth: int = 2) -> list[Path]:
     """Run directories at `root` or up to `depth` levels below it; a run's own subdirectories are not searched."""
     if is_run(root):

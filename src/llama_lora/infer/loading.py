@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from llama_lora import run_dir
 from llama_lora.config import Config, ModelConfig, load_config
 from llama_lora.data import templates
 from llama_lora.errors import LlamaLoraError
@@ -36,16 +37,12 @@ class AdapterSource:
 
 def find_adapter(path: str | Path) -> AdapterSource:
     """A run directory (with adapter/) or an adapter directory (with adapter_config.json)."""
-    path = Path(path)
-    if (path / "adapter" / "adapter_config.json").is_file():
-        run, adapter = path, path / "adapter"
-    elif (path / "adapter_config.json").is_file():
-        run = path.parent if (path.parent / "config.yaml").is_file() else None
-        adapter = path
-    else:
+    adapter = run_dir.adapter_dir_of(path)
+    if adapter is None:
         raise InferenceError(
             f"--adapter: {path} is neither a run directory nor an adapter directory (no adapter_config.json)"
         )
+    run = run_dir.run_of(adapter)
     meta = read_meta(adapter) or {}
     cfg = (
         load_config(run / "config.yaml")

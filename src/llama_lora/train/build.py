@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llama_lora import meta
+from llama_lora import meta, run_dir
 from llama_lora.config import Config, TrainConfig
 from llama_lora.data.batching import pad_id_for, plan_batches
 from llama_lora.data.dataset import Dataset, load_dataset
@@ -109,11 +109,12 @@ def start_adapter(cfg: Config) -> Path | None:
     """`model.adapter` as an adapter directory (a run directory holds it in adapter/), or None."""
     if cfg.model.adapter is None:
         return None
-    path = Path(cfg.model.adapter)
-    for candidate in (path / "adapter", path):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise ConfigError(f"model.adapter: {path} is not a run directory or an adapter directory")
+    found = run_dir.adapter_dir_of(cfg.model.adapter)
+    if found is None:
+        raise ConfigError(
+            f"model.adapter: {cfg.model.adapter} is not a run directory or an adapter directory"
+        )
+    return found
 
 
 @dataclass
