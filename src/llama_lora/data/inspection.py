@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_lora.config import Config
-from llama_lora.data import encoding, formats, sources
+from llama_lora.data import encoding, formats, sources, templates
 
 MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « »: trained text where there is no colour
 
@@ -127,9 +127,7 @@ def split_warnings(
 
 def eos_warning(examples: list[encoding.Example], tokenizer) -> dict[str, str] | None:
     """A warning when no example trains any token that generation stops at (EOS or end-of-turn)."""
-    from llama_lora.infer.loading import stop_token_ids
-
-    stops = set(stop_token_ids(tokenizer))
+    stops = set(templates.stop_token_ids(tokenizer))
     for e in examples:
         if any(t and label in stops for t, label in zip(_trained_flags(e), e.labels, strict=True)):
             return None

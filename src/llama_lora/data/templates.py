@@ -170,3 +170,17 @@ def prompt_text(
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return "".join(t for t, _ in render_segments(messages, tokenizer, template, tools))
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS plus the end-of-turn tokens the chat template uses: generation stops at any of them."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in END_OF_TURN:
+        if token in template:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -16,6 +16,7 @@ import torch
 from llama_lora import run_dir
 from llama_lora.config import Config, ModelConfig, load_config
 from llama_lora.data import templates
+from llama_lora.data.templates import stop_token_ids
 from llama_lora.errors import LlamaLoraError
 from llama_lora.meta import fingerprint_matches, read_meta
 from llama_lora.model import adapters, hardware, loader
@@ -70,20 +71,6 @@ class Loaded:
     stop_ids: list[int] = field(default_factory=list)
     stored_dtype: str = "float32"  # dtype of the base weights on disk
     tools: list[dict[str, Any]] | None = None  # --tools schemas, rendered as training renders them
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS plus the end-of-turn tokens the chat template uses: generation stops at any of them."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-    template = getattr(tokenizer, "chat_template", None) or ""
-    for token in templates.END_OF_TURN:
-        if token in template:
-            tid = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                ids.add(tid)
-    return sorted(i for i in ids if i is not None)
 
 
 def load(

@@ -27,6 +27,7 @@ from llama_lora.kernels import fused
 from llama_lora.kernels.fastpath import FastPath
 from llama_lora.model import adapters, hardware, loader
 from llama_lora.train import settings
+from llama_lora.train.objectives.base import Objective
 from llama_lora.train.objectives.preference import PreferenceObjective
 from llama_lora.train.objectives.sft import ResponseObjective
 from llama_lora.train.settings import Settings
@@ -83,16 +84,6 @@ def micro_batch_plan(
             plan.extend(batches[: max(1, round(len(batches) * fraction))])
     per_step = tcfg.grad_accum * processes
     return [plan[i : i + per_step] for i in range(0, len(plan), per_step)], per_epoch
-
-
-def build_accelerator(device: str, precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # each run in a process gets its own device/precision settings; safe under torchrun too, since
-    # accelerate only creates the process group when none exists
-    AcceleratorState._reset_state(True)
-    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
 
 
 def load_base(cfg: Config, precision: str, ref: loader.ModelRef):
@@ -174,7 +165,7 @@ class Setup:
     loaded: Loaded
     peft_model: Any
     fast: FastPath
-    objective: ResponseObjective | PreferenceObjective
+    objective: Objective
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -188,15 +179,15 @@ def attach(
     processes: int = 1,
     initial_dir: Path | None = None,
     layers=fused,
-    sharded: bool = False,
+    strategy=None,
 ) -> Setup:
     """Adapter, fast path, objective, optimizer, step plan and schedule on `loaded`'s base. `layers`: the
-    fused-projection module (bench/paired_steps.py swaps in another version of fused.py). `sharded`: FSDP2
-    over the launch's processes (sharding.py), applied before DPO's reference pass and the optimizer."""
+    fused-projection module (bench/paired_steps.py swaps in another version of fused.py). `strategy`
+    (strategy.py): how the launch's processes hold the model; FSDP2 shards it here, before DPO's reference pass
+    and the optimizer. None: one process."""
     from transformers import get_scheduler
 
     cfg, s = loaded.cfg, loaded.settings
-    t = cfg.train
     if s.gradient_checkpointing:
         loader.enable_checkpointing(loaded.model)
     peft_model = adapters.attach(
@@ -208,30 +199,11 @@ def attach(
         start_from=start_adapter(cfg),
     )
     s.fast_path.install(peft_model, loaded.model, layers=layers)
-    pad = pad_id_for(loaded.tokenizer)
-    if cfg.train.objective == "sft":
-        objective = ResponseObjective(
-            peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad
-        )
-    else:
-        objective = PreferenceObjective(
-            peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
-        )
-    if sharded:
-        from llama_lora.kernels.head import decoder_and_head
-        from llama_lora.train import sharding
-
-        sharding.shard(objective.module, decoder_and_head(peft_model)[0].layers, torch.device(s.device))
+    objective = make_objective(peft_model, loaded)
+    if strategy is not None:
+        strategy.shard_model(objective.module, peft_model, s.device)
     if cfg.train.objective != "sft":
-        device = next(p for p in peft_model.parameters()).device
-        dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
-        # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's
-        # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
-        fresh = start_adapter(cfg) is None and cfg.peft.init_lora_weights in (True, "gaussian")
-        adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
-        with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
-            for examples in (loaded.ds.train, loaded.ds.eval):
-                objective.precompute_reference(examples, t.batch_size, s.batch_tokens, device)
+        precompute_reference(objective, peft_model, loaded)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)
@@ -253,3 +225,28 @@ def attach(
         per_epoch,
         initial_dir,
     )
+
+
+def make_objective(peft_model, loaded: Loaded) -> Objective:
+    """The `Objective` `train.objective` names, on the adapted model."""
+    s, t = loaded.settings, loaded.cfg.train
+    pad = pad_id_for(loaded.tokenizer)
+    if t.objective == "sft":
+        return ResponseObjective(peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad)
+    return PreferenceObjective(
+        peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
+    )
+
+
+def precompute_reference(objective: PreferenceObjective, peft_model, loaded: Loaded) -> None:
+    """DPO's reference log-probabilities of every pair, before the first step."""
+    cfg, s = loaded.cfg, loaded.settings
+    device = next(p for p in peft_model.parameters()).device
+    dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
+    # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's
+    # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
+    fresh = start_adapter(cfg) is None and cfg.peft.init_lora_weights in (True, "gaussian")
+    adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
+    with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
+        for examples in (loaded.ds.train, loaded.ds.eval):
+            objective.precompute_reference(examples, cfg.train.batch_size, s.batch_tokens, device)

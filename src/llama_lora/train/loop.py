@@ -13,14 +13,9 @@ step's micro-batches (see parallel.py); only the main process writes the run dir
 
 from __future__ import annotations
 
-import contextlib
 import math
-import resource
 import shutil
-import signal
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +29,9 @@ from llama_lora.errors import LlamaLoraError
 from llama_lora.model import adapters, hardware, loader
 from llama_lora.progress import Reporter
 from llama_lora.train import build, checkpoint, parallel, tracking
-from llama_lora.train.objectives.sft import eval_sums
+from llama_lora.train.state import Counters, SigintFlag
+from llama_lora.train.strategy import Replicated, gather_peaks, make_accelerator, peak_memory_mb
+from llama_lora.train.strategy import choose as choose_strategy
 
 
 class TrainingError(LlamaLoraError):
@@ -54,113 +51,20 @@ class TrainResult:
     main: bool = True  # False on the other processes of a data-parallel run (they wrote nothing)
 
 
-@dataclass
-class Counters:
-    """The loop's running totals; saved in each checkpoint so a resumed run's summary and metrics continue."""
-
-    tokens_seen: int = 0
-    train_time: float = 0.0
-    micro_done: int = 0
-    last_loss: float = float("nan")
-    window_loss: float = 0.0  # sums since the last metrics record
-    window_labels: int = 0
-    window_tokens: int = 0
-    window_time: float = 0.0
-    processes: int = 1  # the data-parallel width: a checkpoint resumes only with the same one
-
-    def add(self, loss_sum: float, units: int, tokens: int, micro_batches: int, seconds: float) -> None:
-        self.train_time += seconds
-        self.window_time += seconds
-        self.window_loss += loss_sum
-        self.window_labels += units
-        self.window_tokens += tokens
-        self.micro_done += micro_batches
-        self.last_loss = loss_sum / units
-        self.tokens_seen += tokens
-
-    def take_window(self) -> dict[str, float]:
-        record = {
-            "loss": self.window_loss / self.window_labels,
-            "tokens_per_second": self.window_tokens / self.window_time,
-        }
-        self.window_loss, self.window_labels, self.window_tokens, self.window_time = 0.0, 0, 0, 0.0
-        return record
-
-
-class SigintFlag:
-    """While active, the first Ctrl-C only sets `requested` (the loop saves a checkpoint at the end of the
-    step, then stops); a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> SigintFlag:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def build_accelerator(device: str, precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # each run in a process gets its own device/precision settings; safe under torchrun too, since
-    # accelerate only creates the process group when none exists
-    AcceleratorState._reset_state(True)
-    return Accelerator(cpu=device == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
-
-
-def gather_peaks(accelerator, device: str, model) -> list[dict[str, float]]:
-    """`peak_memory_mb` of every process, in rank order (every process takes part), with the megabytes of
-    model parameters the process holds (a sharded run: its shards)."""
-    from llama_lora.train.sharding import local_bytes
-
-    mine = {**peak_memory_mb(device), "parameters_mb": round(local_bytes(model) / 2**20, 2)}
-    if accelerator.num_processes == 1:
-        return [mine]
-    from accelerate.utils import gather_object
-
-    return gather_object([mine])
-
-
-def peak_memory_mb(device: str) -> dict[str, float]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-    out = {"peak_rss_mb": round(rss_mb, 1)}
-    if device == "cuda":
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    out["peak_memory_mb"] = out.get("peak_cuda_mb", out["peak_rss_mb"])
-    return out
-
-
 class Run:
     """One training run in progress: the built setup, the accelerator, the run directory and the metrics.
     `step` is one optimizer step; `loop` runs the steps; `evaluate`, `save_checkpoint` serve both."""
 
-    def __init__(self, setup: build.Setup, accelerator, run: Path, quiet: bool, log, sharded: bool = False):
+    def __init__(self, setup: build.Setup, strategy: Replicated, run: Path, quiet: bool, log):
         self.setup, self.cfg, self.ds = setup, setup.loaded.cfg, setup.loaded.ds
-        self.accelerator, self.run, self.sharded = accelerator, run, sharded
+        self.strategy, self.accelerator, self.run = strategy, strategy.accelerator, run
+        accelerator = strategy.accelerator
         self.main, self.rank = accelerator.is_main_process, accelerator.process_index
         self.world = accelerator.num_processes
         self.quiet, self.say = quiet, (lambda *a: None) if quiet or not self.main else log
-        if sharded:  # FSDP2 placed and wrapped the model already (sharding.py); no DDP, no wrapper
-            self.module, self.optimizer = setup.objective.module, setup.optimizer
-        else:  # a 4-bit model already sits on its GPU and cannot be moved
-            self.module, self.optimizer = accelerator.prepare(
-                setup.objective.module,
-                setup.optimizer,
-                device_placement=[not self.cfg.model.load_in_4bit, True],
-            )
+        self.module, self.optimizer = strategy.prepare(
+            setup.objective.module, setup.optimizer, self.cfg.model.load_in_4bit
+        )
         self.eval_module = accelerator.unwrap_model(self.module)  # evaluation needs no gradient sync
         self.units = [setup.objective.units(e) for e in self.ds.train]
         tcfg, budget = self.cfg.train, setup.loaded.settings.batch_tokens
@@ -173,15 +77,8 @@ class Run:
         if not self.eval_batches:
             return None
         mine = self.eval_batches[self.rank :: self.world]
-        acc = self.accelerator
-        with acc.autocast() if self.sharded else contextlib.nullcontext():
-            if self.sharded:  # every forward gathers weights from all processes: all run as many
-                spare = -(-len(self.eval_batches) // self.world) - len(mine)
-                if spare:
-                    eval_sums(self.eval_module, self.eval_batches[:1] * spare, acc.device)
-                    self.setup.objective.take_metrics("eval")  # what the spare forwards measured: dropped
-            sums = eval_sums(self.eval_module, mine, acc.device)
-        total, count = parallel.sum_across(acc, *sums)
+        sums = self.strategy.eval_sums(self.eval_module, self.eval_batches, mine, self.setup.objective)
+        total, count = parallel.sum_across(self.accelerator, *sums)
         return total / max(count, 1)
 
     def eval_extras(self) -> dict[str, float]:
@@ -194,11 +91,7 @@ class Run:
 
     def gathered(self) -> tuple[dict, dict] | None:
         """A sharded run's full adapter and optimizer state (every process takes part); None otherwise."""
-        if not self.sharded:
-            return None
-        from llama_lora.train import sharding
-
-        return sharding.adapter_state(self.setup.peft_model), sharding.optimizer_state(self.optimizer)
+        return self.strategy.gather(self.setup.peft_model, self.optimizer)
 
     def save_checkpoint(self, step: int) -> Path:
         other_rng = parallel.rng_states(self.accelerator)  # every process takes part
@@ -241,7 +134,7 @@ class Run:
             acc.scaler,
             self.rank,
             acc.device,
-            sharded=self.sharded,
+            sharded=self.strategy.sharded,
         )
         first, self.counters = restored["step"], Counters(**restored["counters"])
         if self.counters.processes != self.world:
@@ -276,22 +169,12 @@ class Run:
         loss = 0.0
         for slot, (b, weight) in enumerate(share):
             batch = {k: v.to(acc.device) for k, v in s.objective.collate([rows[i] for i in b]).items()}
-            if hasattr(s.objective.module, "record"):  # a weightless re-run adds nothing to the metrics
-                s.objective.module.record = weight > 0
+            s.objective.recording(weight > 0)  # a weightless re-run adds nothing to the metrics
             last = slot == len(share) - 1
-            if self.sharded:  # FSDP2 reduce-scatters on the last micro-batch only, averaging as DDP does
-                self.module.set_requires_gradient_sync(last)
-                with acc.autocast():  # what accelerate's prepare() wraps an unsharded forward in
-                    loss_sum, _ = self.module(**batch)
-                (loss_sum * (weight * self.world) / units).backward()
-            else:
-                with parallel.sync_unless_last(acc, self.module, last=last):
-                    loss_sum, _ = self.module(**batch)
-                    # DDP averages gradients over processes; x world makes it the group's sum / units
-                    acc.backward(loss_sum * (weight * self.world) / units)
+            # gradients are averaged over processes; x world makes them the group's sum / units
+            loss_sum = self.strategy.forward_backward(self.module, batch, weight * self.world / units, last)
             loss += weight * float(loss_sum.detach())
-        if hasattr(s.objective.module, "record"):
-            s.objective.module.record = True
+        s.objective.recording(True)
         loss, stop = parallel.sum_across(acc, loss, float(interrupt.requested))
         if not math.isfinite(loss):
             good = [p for p in run_dir.checkpoint_dirs(self.run) if checkpoint.is_complete(p)]
@@ -300,10 +183,8 @@ class Run:
                 f"training loss became {loss} at step {number}; stopped ({kept}). "
                 "Lower train.learning_rate or check the data."
             )
-        if self.cfg.train.max_grad_norm and self.sharded:  # the norm of sharded gradients: torch's own
-            torch.nn.utils.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
-        elif self.cfg.train.max_grad_norm:
-            acc.clip_grad_norm_(s.params, self.cfg.train.max_grad_norm)
+        if self.cfg.train.max_grad_norm:
+            self.strategy.clip(s.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         s.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,8 +236,7 @@ class Run:
         self.metrics.close()
         s.fast.uninstall(s.peft_model, loaded.model)  # what is saved and returned is plain PEFT
         full = self.gathered()
-        if self.sharded:  # FSDP2 keeps the root group (embedding, lm_head) gathered after a forward
-            self.module.reshard()
+        self.strategy.release(self.module)
         self.peaks = gather_peaks(self.accelerator, self.setup.loaded.settings.device, s.peft_model)
         if self.main:
             with run_dir.atomic_dir(self.run / "adapter") as tmp:
@@ -401,7 +281,7 @@ class Run:
             "train_tokens": c.tokens_seen,  # all processes together, as is tokens_per_second
             "tokens_per_second": round(c.tokens_seen / c.train_time, 2) if c.train_time else None,
             "processes": self.world,
-            "sharding": "fsdp" if self.sharded else "none",
+            "sharding": self.strategy.name,
             "device": st.device,
             "precision": st.precision,
             "load_in_4bit": cfg.model.load_in_4bit,
@@ -439,18 +319,10 @@ def train(
     device, precision = hardware.describe_device(cfg.train)
     loader.check_load_in_4bit(cfg.model, device)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
-    accelerator = build_accelerator(device, precision)
-    if parallel.check_supported(accelerator):  # accelerate's FSDP version 2 config
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sharding": "fsdp"})})
+    accelerator = make_accelerator(device, precision)
     main, world = accelerator.is_main_process, accelerator.num_processes
     say = (lambda *a: None) if quiet or not main else log
-    sharded = cfg.train.sharding == "fsdp" and world > 1
-    if cfg.train.sharding == "fsdp":
-        from llama_lora.train import sharding
-
-        sharding.check(cfg, device)
-        if not sharded:
-            say("train.sharding: fsdp with one process: nothing to shard, training unsharded")
+    cfg, strategy = choose_strategy(cfg, accelerator, device, say)
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
 
     loaded = build.load(cfg, device_precision=(device, precision))
@@ -470,11 +342,11 @@ def train(
         initial = (
             run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
         ) / "adapter_init"
-    setup = build.attach(loaded, world, initial, sharded=sharded)
+    setup = build.attach(loaded, world, initial, strategy=strategy)
     say(_model_line(setup, world))
     say(loaded.settings.describe())
 
-    training = Run(setup, accelerator, run, quiet, log, sharded=sharded)
+    training = Run(setup, strategy, run, quiet, log)
     if start_from is None:
         first, eval_before = 0, training.start()
     else:

@@ -294,8 +294,8 @@ class PreferenceLoss(torch.nn.Module):
 
 
 class PreferenceObjective:
-    """DPO or ORPO as the trainer takes an objective (see loss.ResponseObjective): `module`, `collate`
-    (pairs -> one batch, chosen rows first), `units` (a pair) and `eval_batches`. With `packed` (the fast
+    """DPO or ORPO as an `Objective` (base.py): `collate` puts pairs in one batch, chosen rows first; a
+    pair is one unit; the reward metrics are recorded by the loss module. With `packed` (the fast
     path's packing) a batch's 2n answers are packed into one sequence, attention kept per row, and the sums
     are taken per row; otherwise they are a right-padded batch."""
 
@@ -333,6 +333,9 @@ class PreferenceObjective:
 
     def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
         return self.module.take_metrics(mode, reduce)
+
+    def recording(self, on: bool) -> None:
+        self.module.record = on
 
     @torch.no_grad()
     def precompute_reference(self, pairs, batch_size: int, max_batch_tokens: int | None, device) -> None:

@@ -73,22 +73,9 @@ class ResponseLoss(nn.Module):
         return total, keep.sum()
 
 
-def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The same quantity through the model's own forward (full logits); used by tests to check ours."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-
-
 class ResponseObjective:
-    """Supervised fine-tuning, as the trainer takes an objective: `module` (forward(**batch) -> (loss sum,
-    units)), `collate` (examples -> batch) and `units` (what a step's summed loss is divided by: here an
-    example's response tokens). A preference objective plugs in with the same three."""
+    """Supervised fine-tuning as an `Objective` (base.py): the response-token loss; a step's summed loss is
+    divided by the response tokens of its examples."""
 
     def __init__(self, model: nn.Module, collate, pad_id: int = 0):
         self.module = ResponseLoss(model)
@@ -108,6 +95,9 @@ class ResponseObjective:
 
     def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
         return {}  # the loss is all SFT logs
+
+    def recording(self, on: bool) -> None:
+        pass  # nothing recorded besides the loss
 
 
 @torch.no_grad()
