@@ -1,10 +1,14 @@
-"""The OpenAI side of `llama-lora serve`: request bodies -> messages and GenerationSettings, OpenAI-style
-errors, the 1 MiB body limit, and `stop` strings cut out of streamed text. No model, no HTTP server."""
+"""The OpenAI side of `llama-lora serve`: request bodies -> messages and GenerationSettings, the API key,
+OpenAI-style errors, the 1 MiB body limit, `stop` strings cut out of streamed text, and the answers' shapes
+(chat.completion / text_completion objects, SSE chunks, usage). No model, no HTTP server."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from llama_lora.data import formats
@@ -76,6 +80,62 @@ def parse_chat(body: dict) -> tuple[list[formats.Message], list[dict[str, Any]] 
         raise ApiError(400, f"'{param}': {exc}", param) from None
 
 
+def check_key(headers, api_key: str | None) -> None:
+    """Refuse a request without `Authorization: Bearer <api_key>` when the server has a key."""
+    if api_key and headers.get("authorization", "") != f"Bearer {api_key}":
+        raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+
+@dataclass
+class CompletionRequest:
+    """A /v1/chat/completions or /v1/completions body, checked."""
+
+    model: str
+    prompt: list[formats.Message] | str  # chat messages, or plain text (completions)
+    tools: list[dict[str, Any]] | None
+    settings: generate.GenerationSettings
+    stops: list[str]
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+
+
+def requested_model(body: dict) -> str:
+    """The body's `model`, which must be a string (whether it is served is `parse_request`'s question)."""
+    if not isinstance(body.get("model"), str):
+        raise ApiError(400, "'model' must be the name of a served model (GET /v1/models)", "model")
+    return body["model"]
+
+
+def parse_prompt(body: dict) -> str:
+    """/v1/completions' `prompt`: one non-empty string (or a list of exactly one)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+    return prompt
+
+
+def parse_request(body: dict, served: Collection[str], chat: bool) -> CompletionRequest:
+    """Check a completion body in the order clients see the errors: model, sampling, prompt, streaming."""
+    name = requested_model(body)
+    if name not in served:
+        raise ApiError(
+            404,
+            f"the model {name!r} is not served here (GET /v1/models lists them)",
+            "model",
+            "model_not_found",
+        )
+    settings, stops = parse_settings(body)
+    prompt, tools = parse_chat(body) if chat else (parse_prompt(body), None)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return CompletionRequest(name, prompt, tools, settings, stops, stream, include_usage)
+
+
 async def read_json(request) -> dict:
     """The request body as a JSON object, refusing more than MAX_BODY bytes before reading them."""
     declared = request.headers.get("content-length")
@@ -132,3 +192,69 @@ class StopText:
     def close(self) -> None:
         if not self.hit:
             self._send(len(self.text))
+
+
+# ------------------------------------------------------------------------------------------- answers
+
+
+def model_list(names: Collection[str], created: int) -> dict:
+    """GET /v1/models."""
+    rows = [{"id": n, "object": "model", "created": created, "owned_by": "llama-lora"} for n in names]
+    return {"object": "list", "data": rows}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse_error(message: str) -> str:
+    """The SSE event for a stream that fails after it has begun (its status line is already sent)."""
+    error = {"message": message, "type": "server_error", "param": None, "code": None}
+    return f"data: {json.dumps({'error': error})}\n\n"
+
+
+class Reply:
+    """The OpenAI objects of one answer: the whole chat.completion / text_completion, or its SSE chunks.
+    Made when generation starts (its `created`)."""
+
+    def __init__(self, model: str, chat: bool, stream: bool):
+        self.chat, self.stream = chat, stream
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.head = {"id": ident, "created": int(time.time()), "model": model}
+
+    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if self.stream:
+            delta = (
+                {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            )
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+    def whole(self, text: str, finish: str, used: dict) -> dict:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": obj, "choices": [self.choice(text, finish)], "usage": used}
+
+    def sse(self, payload: dict) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self.head, 'object': obj, **payload}, ensure_ascii=False)}\n\n"
+
+    def opening(self) -> list[str]:
+        """Chat streams begin with the assistant's role and no text; text completions with nothing."""
+        return [self.sse({"choices": [self.choice(None, None, first=True)]})] if self.chat else []
+
+    def piece(self, text: str) -> str:
+        return self.sse({"choices": [self.choice(text, None)]})
+
+    def ending(self, finish: str, used: dict | None) -> list[str]:
+        """The finish_reason chunk, the usage chunk when asked for (`used`), and [DONE]."""
+        chunks = [self.sse({"choices": [self.choice(None, finish)]})]
+        if used is not None:
+            chunks.append(self.sse({"choices": [], "usage": used}))
+        return [*chunks, "data: [DONE]\n\n"]
