@@ -16,10 +16,34 @@ from transformers.pytorch_utils import Conv1D
 from llama_lora.config import SEED_TARGETS
 from llama_lora.kernels import fused
 from llama_lora.model.adapters import keep_input_dtype
-from llama_lora.model.fast_dora import FastDoraLinearVariant, disable_fast_dora, enable_fast_dora
+from llama_lora.model.fast_dora import (
+    FastDoraLinearVariant,
+    _invalidate,
+    _linear_dora_layers,
+    enable_fast_dora,
+)
 from tests.conftest import tiny_llama
 
 LLAMA_TARGETS = SEED_TARGETS
+
+
+def disable_fast_dora(model: nn.Module) -> int:
+    """Restore PEFT's ``DoraLinearVariant`` wherever ``enable_fast_dora`` put the fast one (the reference the
+    tests compare the fast variant with).
+
+    Returns the number of layers restored.
+    """
+    count = 0
+    for module in _linear_dora_layers(model):
+        restored = False
+        for name, variant in list(module.lora_variant.items()):
+            if isinstance(variant, FastDoraLinearVariant):
+                module.lora_variant[name] = DoraLinearVariant()
+                restored = True
+        if restored:
+            _invalidate(module)
+        count += restored
+    return count
 
 
 class Toy(nn.Module):

@@ -24,10 +24,26 @@ from llama_lora.train.objectives.preference import (
     kto_loss,
     orpo_loss,
     preference_metrics,
-    sequence_logps,
     sequence_logps_from_hidden,
 )
 from tests.conftest import tiny_llama
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle for sequence_logps_from_hidden: per row, the summed log-probability of the labelled tokens
+    and how many there are, from full logits.
+
+    `logits` is batch x length x vocab, `labels` batch x length with IGNORE (-100) on prompt and padding; the
+    causal shift (position t predicts label t + 1) is applied here. Divide the sum by the count for ORPO's
+    length-normalised log-probability.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(mask, token_logps, 0.0).sum(-1), mask.sum(-1)
+
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental warns on import
 trl = pytest.importorskip("trl", minversion="1.16")

@@ -63,7 +63,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.other import transpose
 from torch import nn
 
-__all__ = ["FastDoraLinearVariant", "enable_fast_dora", "disable_fast_dora", "dora_weight_norm"]
+__all__ = ["FastDoraLinearVariant", "enable_fast_dora", "dora_weight_norm"]
 
 # Plain attribute on the LoRA layer (not a buffer, so it never reaches a state_dict): (key, ||w_i||^2).
 _CACHE_ATTR = "_fast_dora_base_sq_norm"
@@ -231,22 +231,4 @@ def enable_fast_dora(model: nn.Module) -> int:
                 variant = module.lora_variant[name]
             fast = fast or isinstance(variant, FastDoraLinearVariant)
         count += fast
-    return count
-
-
-def disable_fast_dora(model: nn.Module) -> int:
-    """Restore PEFT's ``DoraLinearVariant`` wherever :func:`enable_fast_dora` put the fast one.
-
-    Returns the number of layers restored.
-    """
-    count = 0
-    for module in _linear_dora_layers(model):
-        restored = False
-        for name, variant in list(module.lora_variant.items()):
-            if isinstance(variant, FastDoraLinearVariant):
-                module.lora_variant[name] = DoraLinearVariant()
-                restored = True
-        if restored:
-            _invalidate(module)
-        count += restored
     return count

@@ -14,21 +14,6 @@ from torch.utils.checkpoint import checkpoint
 from llama_lora.data.encoding import IGNORE
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of the labelled tokens, and how many there are.
-
-    `logits` is batch x length x vocab, `labels` batch x length with IGNORE (-100) on prompt and padding; the
-    causal shift (position t predicts label t + 1) is applied here. Divide the sum by the count for ORPO's
-    length-normalised log-probability.
-    """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    logits = logits[:, :-1].float()
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return torch.where(mask, token_logps, 0.0).sum(-1), mask.sum(-1)
-
-
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ weight.T).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -74,7 +59,10 @@ def sequence_logps_from_hidden(
     row_ids: torch.Tensor | None = None,
     n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` from the decoder's last hidden states and the lm_head weight, without full logits.
+    """Per row: the summed log-probability of the labelled tokens, and how many there are, from the decoder's
+    last hidden states and the lm_head weight, without full logits. `labels` has IGNORE (-100) on prompt and
+    padding; the causal shift (position t predicts label t + 1) is applied here. Divide the sum by the count
+    for ORPO's length-normalised log-probability.
 
     Only labelled positions go through the head, `chunk` at a time (default: loss.chunk_rows, the SFT loss's
     bound on a chunk's logits bytes), so that at most one chunk of logits is
