@@ -1,11 +1,6 @@
-"""Build: everything a training run needs before its first step, in two stages with nothing written.
-
-    load(cfg)        tokenizer -> rows -> examples -> frozen base -> Settings (settings.py), base fingerprint
-    attach(...)      adapter -> CPU fast path -> objective -> optimizer -> step plan -> scheduler
-
-`train.py` runs them around the one point where the run directory is created (between the two, since
-PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
-an A/B exactly as training does.
+"""A config's data as training uses it: the tokenized training and held-out examples (SFT examples or
+preference pairs), with the template chosen and notes for the log (what was cut, dropped or left unfilled).
+`train/build.py` and `data inspect` (inspection.py) both load through `load_dataset`, so they never differ.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Data: load rows, detect their format, render them with a template, tokenize with the prompt masked.
-
-The chain is a set of plain functions, each testable on three-line inputs:
-
-    row --to_messages--> messages --render_segments--> [(text, trainable)] --tokenize--> ids + labels
+"""Encoding: `[(text, trained?)]` segments -> an `Example` (token ids and labels), and a whole split prepared
+with counts of what was truncated or dropped.
 
 Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
 pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
-Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
-from here; batching (token budgets, length grouping) lives in `batching.py`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
-"""Data: load rows, detect their format, render them with a template, tokenize with the prompt masked.
+"""Where rows come from: a local file (.json/.jsonl/.txt/.csv/.parquet), a directory of `<split>.<ext>`
+files, a hub dataset with a split expression (`train[:1%]`), or the bundled `demo` / `demo-pairs`; the
+train/eval split, and the dataset's probe for `compare`.
 
-The chain is a set of plain functions, each testable on three-line inputs:
+The rest of the data chain is a set of plain functions, each testable on three-line inputs:
 
-    row --to_messages--> messages --render_segments--> [(text, trainable)] --tokenize--> ids + labels
-
-Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
-pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
-Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
-from here; batching (token budgets, length grouping) lives in `batching.py`.
+    row --formats.to_messages--> messages --templates.render_segments--> [(text, trainable)]
+        --encoding.tokenize--> ids + labels
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""Data: load rows, detect their format, render them with a template, tokenize with the prompt masked.
+"""Templates: messages -> `[(text, trained?)]` segments with the chat template or the seed's alpaca layout,
+prompts for generation, and the end-of-turn string (and token ids) that closes an assistant turn.
 
-The chain is a set of plain functions, each testable on three-line inputs:
-
-    row --to_messages--> messages --render_segments--> [(text, trainable)] --tokenize--> ids + labels
-
-Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding. They are never derived from the
-pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS that closes each response.
-Row formats (detection, row -> messages, tool calls, placeholders) live in `formats.py` and are importable
-from here; batching (token budgets, length grouping) lives in `batching.py`.
+The segments keep track of which text is trained (the assistant's answers and the end-of-turn token that
+closes each), so encoding.py can mask the prompt exactly; tool calls are rendered with the template's own
+tool support where it has one (formats.plain_tool_messages otherwise).
 """
 
 from __future__ import annotations

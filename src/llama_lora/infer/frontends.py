@@ -1,7 +1,5 @@
-"""Inference: load base / base + adapter / merged model, render prompts like training did, generate.
-
-The prompt template comes from the run that trained the adapter (`config.yaml` in the run directory, or
-`llama_lora.json` inside the adapter or merged directory), so training and inference never disagree.
+"""What `infer` and `chat` do with generation: `--prompts-file` rows (any training format) in and JSON
+lines out, the interactive multi-turn chat session, and streaming to stdout.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Inference: load base / base + adapter / merged model, render prompts like training did, generate.
-
-The prompt template comes from the run that trained the adapter (`config.yaml` in the run directory, or
-`llama_lora.json` inside the adapter or merged directory), so training and inference never disagree.
+"""Generation: prompts rendered as training rendered them, then one, many (left-padded batch) or streamed
+generations that stop at the end-of-turn token, with the context length checked first; and the greedy probe
+merge and export check their output with.
 """
 
 from __future__ import annotations

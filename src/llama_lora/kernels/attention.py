@@ -104,7 +104,7 @@ GROUPED_KV = "llama_lora_grouped_kv"  # the flag set_grouped_kv puts on attentio
 def set_grouped_kv(model: torch.nn.Module, on: bool) -> int:
     """Mark (``on``) or unmark every attention module of ``model`` with grouped k/v heads (``num_key_value_groups``
     > 1) for :func:`sdpa_attention`. Returns how many. Takes effect where the model's attention implementation
-    is llama-lora's (packing.enable)."""
+    is llama-lora's (row_attention.enable)."""
     count = 0
     for module in model.modules():
         if getattr(module, "num_key_value_groups", 1) > 1:

@@ -1,16 +1,16 @@
-"""Response-token loss computed only where labels exist.
+"""The frozen lm_head over labelled positions only, without full logits.
 
 A causal LM head applied to every position builds a batch x length x vocab logits tensor (49k vocab for
-SmolLM2, 128k for Llama-3.2) although the loss uses only response tokens. Here the decoder's hidden states
-are gathered at labelled positions first and only those go through lm_head, in chunks (`chunk_rows`).
+SmolLM2, 128k for Llama-3.2) although a loss uses only response tokens. The losses (train/objectives/) gather
+the decoder's hidden states at labelled positions first and send only those through lm_head, in chunks
+(`chunk_rows`).
 
-The head is frozen (adapters never train it), so the loss needs a gradient for the hidden states only, and
+The head is frozen (adapters never train it), so a loss needs a gradient for the hidden states only, and
 that gradient is known as soon as a chunk's logits are: d loss / d logits = softmax(logits) - onehot(target),
 so d loss / d h = (softmax - onehot) @ W. `LinearCrossEntropy` computes it in the forward pass, chunk by
 chunk, and keeps only that (n_labelled x hidden) tensor for backward. At most one chunk of logits exists at a
 time, and nothing is recomputed: compared with checkpointing each chunk (recompute logits, then autograd's
-log-softmax backward) this saves one lm_head matmul and the log-softmax backward per labelled token. A head
-that does require gradients (not something llama-lora trains) takes the plain checkpointed path.
+log-softmax backward) this saves one lm_head matmul and the log-softmax backward per labelled token.
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
-"""Padding-free training batches: the rows of a micro-batch packed into one sequence, attention kept per row.
+"""Attention for packed rows (packing.py) that never crosses a row boundary.
 
-A padded micro-batch of rows with lengths ``l_1..l_B`` costs ``B * max(l)`` token positions in every projection,
-norm and MLP, although only ``sum(l)`` carry data (still more even when batches are grouped by length, as the
-benchmark's are; measured: bench/RESULTS.md). :func:`collate_packed` concatenates the rows into one ``(1, N)`` sequence with
-per-row ``position_ids`` (rotary positions restart at 0 for every row), so all of those operations run on the
-``N`` real tokens only. Attention must not cross rows: :func:`packed_attention` (registered with transformers'
-``AttentionInterface`` as ``"llama_lora_packed"``) scatters the packed queries, keys and values into the padded
-``(B, H, max(l), d)`` layout, runs one causal attention call (:func:`llama_lora.attention.causal_attention`:
-torch's flash attention, with its float32 backward for short bf16 rows on the CPU), and gathers the real
-positions back. With right padding a causal mask is already exact for every real query (its keys are real
-tokens of its own row), so no padding mask is needed; padded positions are never read back, so they receive
-no gradient.
+:func:`packed_attention` (registered with transformers' ``AttentionInterface`` as ``"llama_lora_packed"``)
+scatters the packed queries, keys and values into the padded ``(B, H, max(l), d)`` layout, runs one causal
+attention call (:func:`llama_lora.kernels.attention.causal_attention`: torch's flash attention, with its float32
+backward for short bf16 rows on the CPU), and gathers the real positions back. With right padding a causal mask
+is already exact for every real query (its keys are real tokens of its own row), so no padding mask is needed;
+padded positions are never read back, so they receive no gradient.
 
-The loss is unchanged: the label of each row's first token is ignored (as it already was: targets are shifted
-by one inside a row, and a row starts with prompt tokens), so the last token of one row never predicts the first
-token of the next. Calls without ``llama_lora_rows`` (evaluation, generation) take transformers' SDPA path
-(:func:`llama_lora.attention.sdpa_attention`: with grouped k/v heads where the fast path set that switch).
-:func:`enable` routes a model's attention here and :func:`disable` puts back the implementation it had.
+Calls without ``llama_lora_rows`` (evaluation, generation) take transformers' SDPA path
+(:func:`llama_lora.kernels.attention.sdpa_attention`: with grouped k/v heads where the fast path set that
+switch). :func:`enable` routes a model's attention here and :func:`disable` puts back the implementation it had.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Build: everything a training run needs before its first step, in two stages with nothing written.
 
-    load(cfg)        tokenizer -> rows -> examples -> frozen base -> Settings (settings.py), base fingerprint
-    attach(...)      adapter -> CPU fast path -> objective -> optimizer -> step plan -> scheduler
+    load(cfg)        tokenizer -> examples (data/dataset.py) -> frozen base -> Settings (settings.py),
+                     base fingerprint
+    attach(...)      adapter -> CPU fast path -> objective -> [strategy shards it] -> [DPO reference]
+                     -> optimizer -> step plan -> scheduler
 
-`train.py` runs them around the one point where the run directory is created (between the two, since
+`loop.train` runs them around the one point where the run directory is created (between the two, since
 PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
 an A/B exactly as training does.
 """

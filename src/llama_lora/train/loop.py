@@ -5,10 +5,11 @@
           -> log / eval / save
     summary -> adapter/, train_summary.json, loss.png
 
-The loop takes an objective (loss.ResponseObjective today): its module gives the summed loss and unit count
-of a batch, and a step divides the sum by the units of the whole step, so the loop holds no `if` about what
-is trained. Under `torchrun` / `accelerate launch` every process runs this same code on its share of each
-step's micro-batches (see parallel.py); only the main process writes the run directory and prints.
+The loop takes an `Objective` (objectives/base.py): its module gives the summed loss and unit count of a batch,
+and a step divides the sum by the units of the whole step, so the loop holds no `if` about what is trained. It
+takes a `Strategy` (strategy.py) for how the processes hold the model, so it holds no `if` about the topology
+either. Under `torchrun` / `accelerate launch` every process runs this same code on its share of each step's
+micro-batches (see parallel.py); only the main process writes the run directory and prints.
 """
 
 from __future__ import annotations

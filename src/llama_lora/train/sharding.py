@@ -11,7 +11,7 @@ Precision is the single-process policy, unchanged: the frozen base keeps the sto
 FSDP all-gathers each parameter in its own dtype (no `param_dtype` cast), so a sharded step computes what
 an unsharded step computes. Gradients are reduced in float32.
 
-The root of the sharding is the objective's loss module (loss.ResponseLoss or preference.PreferenceLoss):
+The root of the sharding is the objective's loss module (sft.ResponseLoss or preference.PreferenceLoss):
 its forward is what the loop calls, so the embedding, final norm and lm_head (the root group) are gathered
 for the whole of a forward, including the lm_head the losses read directly.
 

@@ -25,7 +25,7 @@ class LinearLogProbs(torch.autograd.Function):
     The gradient of one token's log-probability with respect to its hidden state is known as soon as its
     logits are: W[y] - softmax @ W. It is computed chunk by chunk and kept (n x hidden, the hidden states'
     dtype); backward only scales it by each token's incoming gradient. Against checkpointing each chunk (see
-    loss.LinearCrossEntropy for the same trick on the SFT loss) this saves one lm_head matmul per token and
+    head.LinearCrossEntropy for the same trick on the SFT loss) this saves one lm_head matmul per token and
     the log-softmax backward. Logits are formed in the matmul's dtype, log-probabilities taken in float32.
     """
 
@@ -64,7 +64,7 @@ def sequence_logps_from_hidden(
     padding; the causal shift (position t predicts label t + 1) is applied here. Divide the sum by the count
     for ORPO's length-normalised log-probability.
 
-    Only labelled positions go through the head, `chunk` at a time (default: loss.chunk_rows, the SFT loss's
+    Only labelled positions go through the head, `chunk` at a time (default: head.chunk_rows, the SFT loss's
     bound on a chunk's logits bytes), so that at most one chunk of logits is
     alive (preference batches hold chosen and rejected rows, so full-vocabulary logits are twice an SFT
     batch's): through `LinearLogProbs` for a frozen head, else each chunk checkpointed. A packed batch

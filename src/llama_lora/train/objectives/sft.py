@@ -1,16 +1,10 @@
-"""Response-token loss computed only where labels exist.
+"""Supervised fine-tuning: the response-token loss as an `Objective` (base.py), and `eval_sums`, the one
+evaluation every objective and `compare` go through.
 
-A causal LM head applied to every position builds a batch x length x vocab logits tensor (49k vocab for
-SmolLM2, 128k for Llama-3.2) although the loss uses only response tokens. Here the decoder's hidden states
-are gathered at labelled positions first and only those go through lm_head, in chunks (`chunk_rows`).
-
-The head is frozen (adapters never train it), so the loss needs a gradient for the hidden states only, and
-that gradient is known as soon as a chunk's logits are: d loss / d logits = softmax(logits) - onehot(target),
-so d loss / d h = (softmax - onehot) @ W. `LinearCrossEntropy` computes it in the forward pass, chunk by
-chunk, and keeps only that (n_labelled x hidden) tensor for backward. At most one chunk of logits exists at a
-time, and nothing is recomputed: compared with checkpointing each chunk (recompute logits, then autograd's
-log-softmax backward) this saves one lm_head matmul and the log-softmax backward per labelled token. A head
-that does require gradients (not something llama-lora trains) takes the plain checkpointed path.
+`ResponseLoss` gathers the decoder's hidden states at labelled positions first and only those go through the
+frozen lm_head, in chunks, with the cross-entropy gradient formed in the forward pass (kernels/head.py): no
+batch x length x vocab logits tensor is ever built. A head that does require gradients (not something
+llama-lora trains) takes a plain checkpointed path.
 """
 
 from __future__ import annotations
