@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llama_lora.export import gguf_model
+from llama_lora.export import gguf_model, verify
 from llama_lora.export.gguf_meta import ExportError, modelfile
 from tests.conftest import run_cli
 
@@ -30,7 +30,7 @@ def exported(tiny_model_dir, tmp_path_factory):
 def test_f16_round_trip(exported):
     report, path = exported["f16"]
     assert report["passed"] and report["tokenizer_round_trip"]
-    assert report["relative_logit_diff"] <= gguf_model.F16_REL_TOLERANCE
+    assert report["relative_logit_diff"] <= verify.F16_REL_TOLERANCE
     assert report["greedy_token_agreement"] == 1.0
     assert json.loads((path.parent / "export_report.json").read_text())["max_abs_logit_diff"] < 0.05
     assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", "export_report.json", "model.gguf"]
@@ -91,9 +91,9 @@ def test_permute_matches_the_transformers_loader():
 def test_failed_check_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
     failed = {"tokenizer_round_trip": True, "tokenizer_mismatches": [], "max_abs_logit_diff": 9.0}
     failed |= {"relative_logit_diff": 0.5, "greedy_token_agreement": 0.1, "tolerance": "...", "passed": False}
-    monkeypatch.setattr(gguf_model, "verify", lambda *args, **kwargs: failed)  # the real check runs above
+    monkeypatch.setattr(gguf_model, "check_gguf", lambda *args, **kwargs: failed)  # the real check runs above
     target = tmp_path / "out" / "model.gguf"
-    with pytest.raises(gguf_model.ExportCheckError, match="nothing written"):
+    with pytest.raises(verify.ExportCheckError, match="nothing written"):
         gguf_model.export_gguf(tiny_model_dir, target, "f16", log=quiet)
     assert sorted(p.name for p in target.parent.iterdir()) == ["export_report.json"]
     assert json.loads((target.parent / "export_report.json").read_text())["passed"] is False

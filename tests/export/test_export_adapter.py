@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llama_lora.config import load_config
-from llama_lora.export import gguf_adapter, gguf_model
+from llama_lora.export import gguf_adapter, gguf_model, verify
 from llama_lora.export.gguf_meta import ExportError
 from llama_lora.train.loop import train
 from tests.conftest import cli_in_process, tiny_overrides
@@ -96,7 +96,7 @@ def test_adapter_file_is_llama_cpp_lora_format(runs, exported):
 def test_adapter_applied_to_the_base_gguf_matches_the_adapter(runs, exported):
     report, path = exported
     assert report["passed"] and report["tokenizer_round_trip"] and report["base_written"]
-    assert report["relative_logit_diff"] <= gguf_model.F16_REL_TOLERANCE
+    assert report["relative_logit_diff"] <= verify.F16_REL_TOLERANCE
     assert report["greedy_token_agreement"] == 1.0
     assert report["verifiers"][0] == "transformers"
     # the adapter moves the logits far more than the GGUF round trip does, so the check means something
@@ -122,8 +122,7 @@ def test_base_gguf_given_writes_no_base(strong_qk, exported, tmp_path):
     report = json.loads((out.parent / "export_report.json").read_text())
     assert report["passed"] and not report["base_written"] and report["base_type"] == "f16"
     assert (
-        report["relative_logit_diff"] <= gguf_model.F16_REL_TOLERANCE
-        and report["greedy_token_agreement"] == 1.0
+        report["relative_logit_diff"] <= verify.F16_REL_TOLERANCE and report["greedy_token_agreement"] == 1.0
     )
     lines = (out.parent / "Modelfile").read_text().splitlines()
     assert lines[:2] == [f"FROM {base.resolve()}", "ADAPTER ./tuned.gguf"]
@@ -171,8 +170,8 @@ def test_broken_adapter_fails_the_check_and_leaves_no_file(strong_qk, exported, 
     monkeypatch.setattr(gguf_adapter, "permute", lambda w, n_head: w)  # q/k lora_b left in HF row order
     shutil.copy(exported[1].parent / "base-f16.gguf", tmp_path / "base.gguf")
     out = tmp_path / "out" / "adapter.gguf"
-    with pytest.raises(gguf_model.ExportCheckError, match="nothing written"):
+    with pytest.raises(verify.ExportCheckError, match="nothing written"):
         gguf_adapter.export_gguf_adapter(strong_qk, out, tmp_path / "base.gguf", log=quiet)
     assert sorted(p.name for p in out.parent.iterdir()) == ["export_report.json"]
     report = json.loads((out.parent / "export_report.json").read_text())
-    assert report["passed"] is False and report["relative_logit_diff"] > gguf_model.F16_REL_TOLERANCE
+    assert report["passed"] is False and report["relative_logit_diff"] > verify.F16_REL_TOLERANCE

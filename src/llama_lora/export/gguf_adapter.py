@@ -9,14 +9,15 @@ since perm(W + s B A) = perm(W) + s perm(B) A, lora_b of q_proj/k_proj gets the 
 The check: the base GGUF and the adapter file are read back, the adapter applied to the base as llama.cpp
 applies it (transformers' GGUF loader un-permutes q/k of base and delta alike), and the result compared with
 the PEFT model (base + adapter, unmerged) on the probe prompts, under `export gguf`'s tolerances; also in
-llama.cpp when `llama_cpp` is importable (`llamacpp.py`). Only files that pass are renamed into place.
+llama.cpp when `llama_cpp` is importable (`llamacpp.py`), all through `verify.py`. Only files that pass are
+renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -27,20 +28,19 @@ import numpy as np
 import torch
 
 from llama_lora import run_dir
-from llama_lora.export import llamacpp
 from llama_lora.export.gguf_meta import ExportError, modelfile
-from llama_lora.export.gguf_model import (
-    TOKENIZER_PROBES,
+from llama_lora.export.gguf_model import check_supported, export_gguf, permute, rope_parameters
+from llama_lora.export.verify import (
+    PROBES,
     ExportCheckError,
-    check_supported,
-    export_gguf,
-    failure,
+    add_llamacpp,
     figures,
     load_gguf_model,
-    permute,
-    rope_parameters,
+    load_gguf_tokenizer,
+    render_probes,
+    require_passed,
+    tokenizer_mismatches,
 )
-from llama_lora.export.merge import PROBES
 from llama_lora.infer import generate, loading
 from llama_lora.model import loader
 
@@ -154,14 +154,12 @@ def apply_adapter(model, path: Path) -> None:
             params[hf_name[base]] += torch.from_numpy(np.ascontiguousarray(delta))
 
 
-def verify(loaded, base: Path, adapter: Path, kind: str, new_tokens: int, log=print) -> dict[str, Any]:
+def check_adapter(loaded, base: Path, adapter: Path, kind: str, new_tokens: int, log=print) -> dict[str, Any]:
     """The PEFT model vs the base GGUF with the GGUF adapter applied, in transformers (and llama.cpp)."""
-    from transformers import AutoTokenizer
-
     ref_tok = loaded.tokenizer
-    prompts = [generate.render_prompt(loaded, [{"role": "user", "content": p}]) for p in PROBES]
-    tok = AutoTokenizer.from_pretrained(base.parent, gguf_file=base.name)
-    mismatched = [t for t in TOKENIZER_PROBES if ref_tok.encode(t) != tok.encode(t)]
+    prompts = render_probes(loaded, PROBES)
+    tok = load_gguf_tokenizer(base)
+    mismatched = tokenizer_mismatches(ref_tok, tok)
     mismatched += [
         f"(prompt {i})"
         for i, ids in enumerate(prompts)
@@ -179,13 +177,8 @@ def verify(loaded, base: Path, adapter: Path, kind: str, new_tokens: int, log=pr
     # how far the adapter moves the base: the check above is only meaningful if this is large
     check["adapter_effect_max_abs_logit_diff"] = float((base_logits[0] - ref_logits[0]).abs().max())
     check["verifiers"] = ["transformers"]
-    if llamacpp.available():
-        log("loading the base GGUF with the adapter in llama.cpp and probing it ...")
-        args = (prompts, ref_logits, ref_tokens, ref_tok, kind, new_tokens)
-        check["llama_cpp"] = llamacpp.check(base, *args, lora_path=adapter)
-        check["verifiers"].append("llama.cpp")
-        check["passed"] = check["passed"] and check["llama_cpp"]["passed"]
-    return check
+    reference = (ref_logits, ref_tokens)
+    return add_llamacpp(check, base, prompts, reference, ref_tok, kind, new_tokens, log, lora_path=adapter)
 
 
 def base_kind(path: Path) -> str:
@@ -208,6 +201,42 @@ def _from_line(path: Path, folder: Path) -> str:
     return f"./{path.name}" if path.parent.resolve() == folder.resolve() else str(path.resolve())
 
 
+def read_adapter(src: loading.AdapterSource) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter's config and PEFT tensors, refused in one line if llama.cpp cannot express them."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((src.adapter_dir / "adapter_config.json").read_text())
+    weights = src.adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ExportError(
+            f"{src.adapter_dir}: no adapter_model.safetensors (save the adapter as safetensors)"
+        )
+    tensors = load_file(weights)
+    check_mappable(src.adapter_dir, cfg, list(tensors))
+    return cfg, tensors
+
+
+def targets(
+    src: loading.AdapterSource, out: str | Path | None, base_gguf: str | Path | None
+) -> tuple[Path, Path]:
+    """Where the adapter goes, and the base GGUF it applies to (given, or written beside it)."""
+    target = Path(out) if out else (src.run_dir or src.adapter_dir.parent) / "gguf-adapter" / "adapter.gguf"
+    if target.suffix != ".gguf":
+        raise ExportError(f"--out: {target} should end in .gguf")
+    base = Path(base_gguf) if base_gguf else target.with_name("base-f16.gguf")
+    if base_gguf and (base.suffix != ".gguf" or not base.is_file()):
+        raise ExportError(f"--base-gguf: {base} is not a .gguf file")
+    return target, base
+
+
+def write_modelfile(base: Path, target: Path, tokenizer) -> None:
+    """The Ollama Modelfile beside `target`: FROM the base GGUF, ADAPTER the adapter, then the chat format."""
+    text, _ = modelfile(base.name, tokenizer)
+    lines = text.splitlines()
+    lines[0:1] = [f"FROM {_from_line(base, target.parent)}", f"ADAPTER {_from_line(target, target.parent)}"]
+    run_dir.write_text_atomic(target.parent / "Modelfile", "\n".join(lines) + "\n")
+
+
 def export_gguf_adapter(
     run: str | Path,
     out: str | Path | None = None,
@@ -217,60 +246,33 @@ def export_gguf_adapter(
 ) -> dict[str, Any]:
     """Write and verify `adapter.gguf` (and, without `base_gguf`, `base-f16.gguf`), `Modelfile` and
     `export_report.json`, in `RUN_DIR/gguf-adapter/` unless `out` says where."""
-    from safetensors.torch import load_file
-
     start = time.perf_counter()
     src = loading.find_adapter(run)
-    cfg = json.loads((src.adapter_dir / "adapter_config.json").read_text())
-    weights = src.adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ExportError(
-            f"{src.adapter_dir}: no adapter_model.safetensors (save the adapter as safetensors)"
-        )
-    tensors = load_file(weights)
-    check_mappable(src.adapter_dir, cfg, list(tensors))
-    target = Path(out) if out else (src.run_dir or src.adapter_dir.parent) / "gguf-adapter" / "adapter.gguf"
-    if target.suffix != ".gguf":
-        raise ExportError(f"--out: {target} should end in .gguf")
-    base = Path(base_gguf) if base_gguf else target.with_name("base-f16.gguf")
-    if base_gguf and (base.suffix != ".gguf" or not base.is_file()):
-        raise ExportError(f"--base-gguf: {base} is not a .gguf file")
+    cfg, tensors = read_adapter(src)
+    target, base = targets(src, out, base_gguf)
     loaded = loading.load(adapter=str(run), device="cpu", merge_in_memory=False, log=log)
     config = loaded.model.config
     check_supported(config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.gguf")
-    base_tmp = base.with_name(f".{base.stem}.tmp-{os.getpid()}.gguf")
     report: dict[str, Any] = {"adapter": str(src.adapter_dir), "gguf": str(target), "base_gguf": str(base)}
-    try:
+    # the base is renamed into place first, and only with the adapter; a given base is only read
+    placed_base = run_dir.atomic_file(base) if base_gguf is None else contextlib.nullcontext(base)
+    with run_dir.atomic_file(target) as tmp, placed_base as base_path:
         if base_gguf is None:
             log(f"writing the base model as GGUF ({base.name}) ...")
             base_report = export_gguf(
-                base_model_dir(loaded), base_tmp, "f16", new_tokens, log, sidecars=False
+                base_model_dir(loaded), base_path, "f16", new_tokens, log, sidecars=False
             )
             report["base_check"] = {k: v for k, v in base_report.items() if k not in ("gguf", "source")}
         written = write_adapter(tensors, config, gguf_alpha(cfg), tmp, src.adapter_dir.parent.name)
         kind = "f16" if base_gguf is None else base_kind(base)
-        check = verify(loaded, base_tmp if base_gguf is None else base, tmp, kind, new_tokens, log)
+        check = check_adapter(loaded, base_path, tmp, kind, new_tokens, log)
         report |= {"base_written": base_gguf is None, "base_type": kind, "lora_alpha": cfg["lora_alpha"]}
         report |= {"use_rslora": bool(cfg.get("use_rslora")), **written, "size_bytes": tmp.stat().st_size}
         report |= {**check, "runtime_s": round(time.perf_counter() - start, 2)}
         run_dir.write_json(target.parent / "export_report.json", report)
-        if not report["passed"]:
-            raise ExportCheckError(
-                f"GGUF adapter check failed: {failure(report)}; nothing written to {target} "
-                f"(report in {target.parent / 'export_report.json'})"
-            )
-        if base_gguf is None:
-            os.replace(base_tmp, base)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-        base_tmp.unlink(missing_ok=True)
-    text, style = modelfile(base.name, loaded.tokenizer)
-    lines = text.splitlines()
-    lines[0:1] = [f"FROM {_from_line(base, target.parent)}", f"ADAPTER {_from_line(target, target.parent)}"]
-    run_dir.write_text_atomic(target.parent / "Modelfile", "\n".join(lines) + "\n")
+        require_passed(report, ExportCheckError, "GGUF adapter", target, target.parent / "export_report.json")
+    write_modelfile(base, target, loaded.tokenizer)
     return report
 
 

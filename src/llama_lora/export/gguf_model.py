@@ -3,13 +3,12 @@
 The file is written under a temporary name beside the target, loaded back with transformers
 (`gguf_file=`), and compared with the source model on probe prompts: tokenizer ids, logits and greedy
 tokens. Only a file that passes is renamed into place; `export_report.json` and an Ollama `Modelfile` are
-written beside it.
+written beside it. The probes, figures, tolerances and the loading back are `verify.py`'s.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,24 @@ import numpy as np
 import torch
 
 from llama_lora import run_dir
-from llama_lora.errors import LlamaLoraError
-from llama_lora.export import llamacpp
 from llama_lora.export.gguf_meta import ExportError, add_tokenizer, modelfile
-from llama_lora.export.merge import PROBES, agreement
+from llama_lora.export.verify import (
+    PROBES,
+    ExportCheckError,
+    add_llamacpp,
+    chat_ids,
+    figures,
+    load_gguf_model,
+    load_gguf_tokenizer,
+    require_passed,
+    tokenizer_mismatches,
+)
 from llama_lora.infer.generate import greedy_probe
 
 TYPES = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
-# f16 must match the source closely: max |logit diff| over the probes, relative to the largest |logit|.
-# 1e-2 leaves about ten times the headroom over what SmolLM2-135M and the tiny test model measure
-# (bench/RESULTS.md), while a wrong q/k permutation or tokenizer shifts logits by whole units.
-F16_REL_TOLERANCE = 1e-2
-# q8_0 is lossy; its greedy agreement is reported, and only a file that is clearly broken fails.
-Q8_MIN_AGREEMENT = 0.5
-TOKENIZER_PROBES = ["Hello world!", "  leading spaces, 12345 digits\nand a newline", "Grüße, café ☕ 日本"]
-
-
-class ExportCheckError(LlamaLoraError):
-    exit_code = 1
 
 
 def source_dir(path: str | Path) -> Path:
@@ -184,31 +180,13 @@ def write_gguf(src: Path, path: Path, kind: str, log=print) -> dict[str, Any]:
     return {"tensor_types": counts, "pre_tokenizer": pre, "rope": rope}
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    messages = [{"role": "user", "content": prompt}]
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def load_gguf_model(path: Path, rope: dict[str, Any]):
-    """A GGUF file loaded by transformers' GGUF loader (dequantized to float32, q/k rows un-permuted)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    extra = {}
-    if rope.get("rope_type") == "llama3":  # transformers' GGUF loader does not read rope_freqs
-        extra["config"] = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        extra["config"].rope_parameters = rope
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
-    ).eval()
-
-
-def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, Any], log=print) -> dict:
+def check_gguf(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, Any], log=print) -> dict:
+    """The GGUF file at `path` loaded back and probed against its source model `src`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref_tok = AutoTokenizer.from_pretrained(src)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    mismatched = [t for t in TOKENIZER_PROBES if ref_tok.encode(t) != tok.encode(t)]
+    tok = load_gguf_tokenizer(path)
+    mismatched = tokenizer_mismatches(ref_tok, tok)
     if tok.chat_template != ref_tok.chat_template or chat_ids(tok, PROBES[0]) != chat_ids(ref_tok, PROBES[0]):
         mismatched.append("(chat template rendering)")
     prompts = [chat_ids(ref_tok, p) for p in PROBES]
@@ -224,49 +202,7 @@ def verify(src: Path, path: Path, kind: str, new_tokens: int, rope: dict[str, An
     check = figures(ref_logits, ref_tokens, logits, tokens, mismatched, kind)
     check["rope_scaling_from_source"] = rope.get("rope_type") == "llama3"
     check["verifiers"] = ["transformers"]
-    if llamacpp.available():
-        log("loading the GGUF file in llama.cpp and probing it ...")
-        check["llama_cpp"] = llamacpp.check(path, prompts, ref_logits, ref_tokens, ref_tok, kind, new_tokens)
-        check["verifiers"].append("llama.cpp")
-        check["passed"] = check["passed"] and check["llama_cpp"]["passed"]
-    return check
-
-
-def figures(ref_logits, ref_tokens, logits, tokens, mismatched: list[str], kind: str) -> dict[str, Any]:
-    """The agreement figures of a GGUF file's probe against its source's, and whether they pass for `kind`."""
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits))
-    scale = max(float(a.abs().max()) for a in ref_logits)
-    agree = agreement(ref_tokens, tokens)
-    passed = not mismatched and (
-        diff <= F16_REL_TOLERANCE * scale if kind in ("f16", "f32") else agree >= Q8_MIN_AGREEMENT
-    )
-    return {
-        "tokenizer_round_trip": not mismatched,
-        "tokenizer_mismatches": mismatched,
-        "probes": len(ref_tokens),
-        "probe_new_tokens": max(len(t) for t in ref_tokens),
-        "max_abs_logit_diff": diff,
-        "max_abs_logit": scale,
-        "relative_logit_diff": diff / scale if scale else 0.0,
-        "greedy_token_agreement": agree,
-        "tolerance": f"relative logit diff <= {F16_REL_TOLERANCE}"
-        if kind in ("f16", "f32")
-        else f"greedy agreement >= {Q8_MIN_AGREEMENT}",
-        "passed": passed,
-    }
-
-
-def failure(report: dict[str, Any]) -> str:
-    """What failed in a GGUF check, in one line."""
-    text = (
-        f"tokenizer round trip {report['tokenizer_round_trip']} {report['tokenizer_mismatches'] or ''}, "
-        f"max |logit diff| {report['max_abs_logit_diff']:.3g} (relative {report['relative_logit_diff']:.2g}), "
-        f"greedy agreement {report['greedy_token_agreement']:.0%} ({report['tolerance']})"
-    )
-    lc = report.get("llama_cpp")
-    if lc is not None and not lc["passed"]:
-        text += f"; in llama.cpp: {lc.get('error') or failure(lc)}"
-    return text
+    return add_llamacpp(check, path, prompts, (ref_logits, ref_tokens), ref_tok, kind, new_tokens, log)
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -299,11 +235,10 @@ def export_gguf(
     if target.suffix != ".gguf":
         raise ExportError(f"--out: {target} should end in .gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.gguf")
-    try:
+    with run_dir.atomic_file(target) as tmp:
         written = write_gguf(src, tmp, kind, log=log)
         write_s = time.perf_counter() - start
-        check = verify(src, tmp, kind, new_tokens, written.pop("rope"), log=log)
+        check = check_gguf(src, tmp, kind, new_tokens, written.pop("rope"), log=log)
         report = {
             "source": str(src),
             "gguf": str(target),
@@ -317,16 +252,10 @@ def export_gguf(
         }
         text, style = modelfile(target.name, AutoTokenizer.from_pretrained(src))
         report["modelfile_template"] = style
-        if sidecars:
-            run_dir.write_json(target.parent / "export_report.json", report)
-        if not report["passed"]:
-            where = f" (report in {target.parent / 'export_report.json'})" if sidecars else ""
-            raise ExportCheckError(
-                f"GGUF check failed: {failure(report)}; nothing written to {target}{where}"
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        kept = target.parent / "export_report.json" if sidecars else None
+        if kept is not None:
+            run_dir.write_json(kept, report)
+        require_passed(report, ExportCheckError, "GGUF", target, kept)
     if not sidecars:
         return report
     run_dir.write_text_atomic(target.parent / "Modelfile", text)
