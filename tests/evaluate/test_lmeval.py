@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_lora.evaluate import lmeval
+from llama_lora.evaluate import lmeval, lmeval_tasks
 from tests.conftest import cli_in_process, tiny_overrides
 
 BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
@@ -148,8 +148,10 @@ def tiny_lm(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).float().eval()
-    bar = lmeval._Bar(quiet=True)
-    bar.start("test")
+    from llama_lora.progress import Bar
+
+    bar = Bar("test", unit="requests", lines=True, quiet=True)
+    bar.start()
     return lmeval.make_lm(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), 4, bar)
 
 
@@ -193,7 +195,7 @@ def test_local_task_scores_exactly_as_lm_evals_own_task_on_the_same_rows(
     gen = "max_gen_toks=24" if task == "gsm8k" else None
     ours = lm_eval.simple_evaluate(
         model=tiny_lm,
-        tasks=lmeval.build_tasks(task, str(BENCH)),
+        tasks=lmeval_tasks.build_tasks(task, str(BENCH)),
         task_manager=TaskManager(include_defaults=False),
         limit=limit,
         log_samples=True,
@@ -231,7 +233,7 @@ def test_loaders_read_every_shipped_file_with_the_published_counts():
     for benchmark, n in counts.items():
         data = lmeval_data.load(benchmark, str(BENCH))
         assert len(next(iter(data.values()))) == n, benchmark
-    subjects = lmeval.mmlu_subjects()
+    subjects = lmeval_tasks.mmlu_subjects()
     assert len(subjects) == 57
     total = sum(len(lmeval_data.load("mmlu", str(BENCH), s)["test"]) for s in subjects)
     assert total == 14042
@@ -369,14 +371,18 @@ def test_compare_refuses_unknown_benchmarks_before_loading(tiny_run, tmp_path):
 
 
 def test_progress_without_a_terminal_is_printed_as_lines(capsys, monkeypatch):
-    from llama_lora.evaluate import lmeval
+    from llama_lora.progress import Bar, Reporter
 
-    monkeypatch.setattr(lmeval._Bar, "LINE_EVERY_S", 0.0)
-    bar = lmeval._Bar(quiet=False)  # stderr is captured here: not a terminal
+    monkeypatch.setattr(Bar, "LINE_EVERY_S", 0.0)
+    bar = Bar("adapter", unit="requests", lines=True)  # stderr is captured here: not a terminal
     assert bar.lines
-    bar.start("adapter")
-    bar.add(10)
-    bar.advance(4)
-    bar.stop()
+    with bar:
+        bar.add_total(10)
+        bar.advance(4)
     assert "adapter: 4/10 requests (40%), 0 min" in capsys.readouterr().err
-    assert not lmeval._Bar(quiet=True).lines
+    assert not Bar("adapter", unit="requests", lines=True, quiet=True).lines
+    # the training bar keeps rich's own behaviour there: no plain lines
+    with Reporter(total=10) as reporter:
+        reporter.update(4, 1.5, 100.0)
+    err = capsys.readouterr().err
+    assert not reporter.lines and "train: 4/10" not in err and "4/10" in err and "loss 1.5000" in err

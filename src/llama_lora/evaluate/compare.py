@@ -23,7 +23,7 @@ from llama_lora.config import Config, DataConfig
 from llama_lora.data import encoding, sources
 from llama_lora.data.batching import eval_batches, pad_id_for
 from llama_lora.errors import LlamaLoraError
-from llama_lora.evaluate import lmeval, report
+from llama_lora.evaluate import lmeval, lmeval_tasks, report
 from llama_lora.infer import frontends, generate, loading
 from llama_lora.train.objectives.sft import ResponseLoss, eval_sums
 from llama_lora.train.settings import batch_tokens
@@ -128,6 +128,48 @@ def preference_metrics(loaded, pair_examples, cfg: Config | None) -> dict[str, f
     }
 
 
+def held_out_prompts(rows, loaded, dcfg, label, pairs_run: bool):
+    """The prompts, their references and the examples whose loss is measured; the pairs of a preference run
+    (whose held-out rows are pairs, the chosen answer the reference), else None."""
+    if pairs_run:
+        return held_out_pairs(rows, loaded, dcfg, label)
+    prompts, references = [], []
+    for row in rows:
+        messages, reference = frontends.row_prompt(row)
+        if reference is None:
+            raise CompareError(f"compare: {label} has rows without a reference response")
+        prompts.append(messages)
+        references.append(reference)
+    examples, _ = encoding.prepare(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    return prompts, references, examples, None
+
+
+def both_sides(loaded, examples, prompts, references, probe, settings, pair_examples, log):
+    """The adapter side, then the base side (the adapter unmerged and switched off): each side's metrics."""
+    cfg = loaded.source.cfg
+
+    def one_side() -> dict[str, Any]:
+        out = side_metrics(loaded, examples, prompts, references, probe, settings, cfg)
+        return {**out, **preference_metrics(loaded, pair_examples, cfg)} if pair_examples is not None else out
+
+    adapter_side = one_side()
+    log("... and the base model (adapter switched off)")
+    loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
+    with loaded.model.disable_adapter():
+        base_side = one_side()
+    return base_side, adapter_side
+
+
+def write_reports(target: Path, result: dict[str, Any], src: loading.AdapterSource) -> list[str]:
+    """compare.json, report.md and report.html in `target`; their paths."""
+    target.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text_atomic(target / "compare.json", json.dumps(result, indent=2) + "\n")
+    metrics = run_dir.read_metrics(src.run_dir / "metrics.jsonl") if src.run_dir else []
+    run_dir.write_text_atomic(target / "report.md", report.markdown(result))
+    run_dir.write_text_atomic(target / "report.html", report.html(result, metrics))
+    return [str(target / f) for f in ("compare.json", "report.md", "report.html")]
+
+
 def compare(
     adapter: str,
     data_file: str | None = None,
@@ -145,8 +187,8 @@ def compare(
     start = time.perf_counter()
     bench_names = None
     if benchmarks:  # unknown tasks and absent files fail before anything is loaded
-        bench_names = lmeval.parse_tasks(benchmarks)
-        lmeval.check_data(bench_names, bench_data)
+        bench_names = lmeval_tasks.parse_tasks(benchmarks)
+        lmeval_tasks.check_data(bench_names, bench_data)
     loaded = loading.load(base=base, adapter=adapter, device=device, log=log)
     src = loaded.source
     assert src is not None
@@ -154,35 +196,16 @@ def compare(
     rows = rows[:n]
     dcfg = (src.cfg.data if src.cfg else None) or DataConfig()
     pairs_run = src.cfg is not None and src.cfg.train.objective != "sft"
-    if pairs_run:  # a preference run: its held-out rows are pairs; the chosen answer is the reference
-        prompts, references, examples, pair_examples = held_out_pairs(rows, loaded, dcfg, label)
-    else:
-        prompts, references = [], []
-        for row in rows:
-            messages, reference = frontends.row_prompt(row)
-            if reference is None:
-                raise CompareError(f"compare: {label} has rows without a reference response")
-            prompts.append(messages)
-            references.append(reference)
-        examples, _ = encoding.prepare(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    prompts, references, examples, pair_examples = held_out_prompts(rows, loaded, dcfg, label, pairs_run)
     settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
-
-    def one_side() -> dict[str, Any]:
-        out = side_metrics(loaded, examples, prompts, references, probe, settings, src.cfg)
-        return {**out, **preference_metrics(loaded, pair_examples, src.cfg)} if pairs_run else out
-
     log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
-    adapter_side = one_side()
-    log("... and the base model (adapter switched off)")
-    loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
-    with loaded.model.disable_adapter():
-        base_side = one_side()
-
+    base_side, adapter_side = both_sides(
+        loaded, examples, prompts, references, probe, settings, pair_examples, log
+    )
     bench = None
     if bench_names:
         log(f"general skills: {', '.join(bench_names)} through lm-evaluation-harness, base then adapter")
         bench = lmeval.run_loaded(loaded, bench_names, bench_data, bench_limit, verbose=verbose)
-    target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
     result = {
         "adapter": str(src.adapter_dir),
         "base_model": src.base_name,
@@ -199,10 +222,6 @@ def compare(
         "benchmarks": bench,
         "runtime_s": round(time.perf_counter() - start, 2),
     }
-    target.mkdir(parents=True, exist_ok=True)
-    run_dir.write_text_atomic(target / "compare.json", json.dumps(result, indent=2) + "\n")
-    metrics = run_dir.read_metrics(src.run_dir / "metrics.jsonl") if src.run_dir else []
-    run_dir.write_text_atomic(target / "report.md", report.markdown(result))
-    run_dir.write_text_atomic(target / "report.html", report.html(result, metrics))
-    result["files"] = [str(target / f) for f in ("compare.json", "report.md", "report.html")]
+    target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)
+    result["files"] = write_reports(target, result, src)
     return result

@@ -1,195 +1,26 @@
 """Standard benchmarks through lm-evaluation-harness: did fine-tuning cost the model its general skills?
 
 `llama-lora eval` and `compare --benchmarks` run lm-eval's own task definitions (its YAML: prompts,
-choices, metrics, filters, few-shot settings) through its Python API on one loaded model: the adapter side
-with the adapter folded into the weights (as `loading.load` does for speed), then the base side with the
-adapter unmerged and switched off. With a data directory each task reads the benchmark's original files
-(`lmeval_data.py`) in place of the hub dataset; that is the only change to the task, so the scores are
-lm-eval's and compare with published lm-eval figures. Without one, lm-eval downloads from the hub as usual.
+choices, metrics, filters, few-shot settings; built in `lmeval_tasks.py`) through its Python API on one
+loaded model: the base side first, with the adapter unmerged and switched off, then the adapter side with the
+adapter folded into the weights (as `loading.load` does for speed). With a data directory each task reads
+the benchmark's original files (`lmeval_data.py`) in place of the hub dataset; that is the only change to
+the task, so the scores are lm-eval's and compare with published lm-eval figures. Without one, lm-eval
+downloads from the hub as usual.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_lora.errors import LlamaLoraError
-from llama_lora.evaluate import lmeval_data
+from llama_lora.evaluate.lmeval_tasks import build_tasks, check_data, parse_tasks, spec_of
+from llama_lora.progress import Bar
 
-
-class BenchmarkError(LlamaLoraError):
-    pass
-
-
-@dataclass(frozen=True)
-class Spec:
-    yaml: str  # lm-eval's stock task file, relative to lm_eval/tasks
-    benchmark: str  # the local layout in lmeval_data.LAYOUT
-    metric: str  # the metric the verdict is on (lm-eval's name, filter included where not "none")
-
-
-TASKS: dict[str, Spec] = {
-    "arc_easy": Spec("arc/arc_easy.yaml", "arc_easy", "acc_norm"),
-    "arc_challenge": Spec("arc/arc_challenge.yaml", "arc_challenge", "acc_norm"),
-    "piqa": Spec("piqa/piqa.yaml", "piqa", "acc_norm"),
-    "winogrande": Spec("winogrande/default.yaml", "winogrande", "acc"),
-    "hellaswag": Spec("hellaswag/hellaswag.yaml", "hellaswag", "acc_norm"),
-    "truthfulqa_mc1": Spec("truthfulqa/truthfulqa_mc1.yaml", "truthfulqa", "acc"),
-    "truthfulqa_mc2": Spec("truthfulqa/truthfulqa_mc2.yaml", "truthfulqa", "acc"),
-    "gsm8k": Spec("gsm8k/gsm8k.yaml", "gsm8k", "exact_match,strict-match"),
-    "mmlu": Spec("mmlu/default", "mmlu", "acc"),  # the group: 57 subjects, weighted by size
-}
 CHUNK = 256  # requests per call into lm-eval, so that the progress bar moves
-
-
-def _tasks_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).parent
-
-
-def mmlu_subjects() -> list[str]:
-    return sorted(p.stem.removeprefix("mmlu_") for p in (_tasks_dir() / "mmlu/default").glob("mmlu_*.yaml"))
-
-
-def parse_tasks(text: str) -> list[str]:
-    """`arc_easy,piqa` -> names, each one lm-eval task (or `mmlu`, or one `mmlu_<subject>`)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise BenchmarkError("--tasks: give one or more task names, comma-separated")
-    subjects = None
-    for name in names:
-        if name in TASKS:
-            continue
-        subjects = subjects if subjects is not None else mmlu_subjects()
-        if name.startswith("mmlu_") and name.removeprefix("mmlu_") in subjects:
-            continue
-        raise BenchmarkError(
-            f"--tasks: unknown task {name!r}; known: {', '.join(TASKS)} and mmlu_<subject> (docs/benchmarks.md)"
-        )
-    return list(dict.fromkeys(names))
-
-
-def spec_of(name: str) -> tuple[Spec, list[str | None]]:
-    """The task's spec and the MMLU subjects it covers ([None] for other tasks)."""
-    if name in TASKS:
-        return TASKS[name], (mmlu_subjects() if name == "mmlu" else [None])
-    return TASKS["mmlu"], [name.removeprefix("mmlu_")]
-
-
-def check_data(names: list[str], data_dir: str | None) -> None:
-    """A missing data directory or benchmark file: one line, before any model is loaded."""
-    if data_dir is None:
-        return
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise BenchmarkError(f"--data-dir {data_dir}: no such directory")
-    for name in names:
-        spec, subjects = spec_of(name)
-        for subject in subjects:
-            absent = lmeval_data.missing(spec.benchmark, root, subject)
-            if absent is not None:
-                raise BenchmarkError(
-                    f"--data-dir {data_dir}: {name} needs {absent.relative_to(root)}, which is not there"
-                )
-
-
-def task_configs(name: str, data_dir: str | None) -> list[dict[str, Any]]:
-    """lm-eval's stock config for `name` (one per MMLU subject), its dataset swapped for the local files."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    spec, subjects = spec_of(name)
-    configs = []
-    for subject in subjects:
-        path = _tasks_dir() / (f"{spec.yaml}/mmlu_{subject}.yaml" if subject else spec.yaml)
-        cfg = load_yaml(path, resolve_func=True)
-        cfg.pop("tag", None)
-        if data_dir is not None:
-            root = Path(data_dir).resolve()
-            present = {s for s, p in lmeval_data.files(spec.benchmark, root, subject).items() if p.is_file()}
-            cfg["custom_dataset"] = functools.partial(lmeval_data.load, spec.benchmark, str(root), subject)
-            cfg["dataset_kwargs"] = None
-            for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
-                if cfg.get(key) is not None and cfg[key] not in present:
-                    cfg[key] = None
-        configs.append(cfg)
-    return configs
-
-
-def build_tasks(name: str, data_dir: str | None) -> list[Any]:
-    """Task objects, data loaded (downloaded without a data directory): a failure is one line."""
-    from lm_eval.api.task import ConfigurableTask
-
-    try:
-        return [ConfigurableTask(config=cfg) for cfg in task_configs(name, data_dir)]
-    except LlamaLoraError:
-        raise
-    except Exception as exc:  # datasets' offline and not-found errors have no common base
-        where = f"from {data_dir}" if data_dir else "from the Hugging Face hub (offline? pass --data-dir DIR)"
-        raise BenchmarkError(
-            f"{name}: its data could not be loaded {where}: {str(exc).splitlines()[0]}"
-        ) from None
-
-
-# ------------------------------------------------------------------------------------------ running
-
-
-class _Bar:
-    """One rich progress bar per side: requests done of requests asked. Where stderr is not a terminal (a log
-    file, CI) a bar cannot redraw, so a plain line is printed instead every `LINE_EVERY_S` seconds."""
-
-    LINE_EVERY_S = 60.0
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
-        self.lines = not quiet and not console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("requests"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=quiet or self.lines,
-        )
-        self.task = None
-        self.label, self.started, self.last_line = "", 0.0, 0.0
-
-    def start(self, label: str) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task(label, total=0)
-        self.label, self.started = label, time.monotonic()
-        self.last_line = self.started
-
-    def add(self, total: int) -> None:
-        self.progress.update(self.task, total=(self.progress.tasks[-1].total or 0) + total)
-
-    def advance(self, n: int) -> None:
-        self.progress.advance(self.task, n)
-        now = time.monotonic()
-        if self.lines and now - self.last_line >= self.LINE_EVERY_S:
-            self.last_line = now
-            task = self.progress.tasks[-1]
-            done, total = int(task.completed), int(task.total or 0)
-            share = f" ({100 * done / total:.0f}%)" if total else ""
-            minutes = (now - self.started) / 60
-            print(
-                f"{self.label}: {done}/{total} requests{share}, {minutes:.0f} min",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def stop(self) -> None:
-        self.progress.stop()
 
 
 def _chunks(requests: list[Any]) -> list[list[Any]]:
@@ -207,12 +38,12 @@ def _chunks(requests: list[Any]) -> list[list[Any]]:
     return out + ([current] if current else [])
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int, bar: _Bar):
+def make_lm(model: Any, tokenizer: Any, batch_size: int, bar: Bar):
     from lm_eval.models.huggingface import HFLM
 
     class CountedLM(HFLM):
         def _in_chunks(self, method, requests):
-            bar.add(len(requests))
+            bar.add_total(len(requests))
             results = []
             for chunk in _chunks(requests):
                 results += method(chunk, disable_tqdm=True)
@@ -255,7 +86,7 @@ def _aggregate(parts: list[tuple[dict, dict, int]]) -> tuple[dict[str, float], d
     return values, stderrs
 
 
-def evaluate_side(lm, bar: _Bar, names: list[str], data_dir: str | None, limit: int | None) -> dict[str, Any]:
+def evaluate_side(lm, names: list[str], data_dir: str | None, limit: int | None) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -355,13 +186,10 @@ def run_loaded(
     sides: dict[str, Any] = {}
 
     def side(label: str) -> None:
-        bar = _Bar(quiet)
-        bar.start(f"{label:<7}")
-        try:
+        # requests done of requests asked; without a terminal, a plain line a minute
+        with Bar(f"{label:<7}", unit="requests", lines=True, quiet=quiet) as bar:
             lm = make_lm(inner, loaded.tokenizer, batch_size, bar)
-            sides[label] = evaluate_side(lm, bar, names, data_dir, limit)
-        finally:
-            bar.stop()
+            sides[label] = evaluate_side(lm, names, data_dir, limit)
 
     if has_adapter:
         model.unmerge_adapter()  # a no-op when nothing is merged
@@ -446,10 +274,7 @@ def evaluate(
 
     names = parse_tasks(tasks)
     check_data(names, data_dir)
-    path = Path(target)
-    is_adapter = (path / "adapter" / "adapter_config.json").is_file() or (
-        path / "adapter_config.json"
-    ).is_file()
+    is_adapter = run_dir.adapter_dir_of(target) is not None
     if is_adapter:  # unmerged: the base side then runs on the base weights exactly
         loaded = loading.load(adapter=target, device=device, merge_in_memory=False, log=log)
     else:
