@@ -120,3 +120,34 @@ def test_reported_usage_errors_through_the_installed_script(line):
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: llama-lora"), result.stderr
+
+
+GENERATION = ["max_new_tokens", "sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed"]
+
+
+def test_infer_and_chat_share_the_generation_options_with_their_own_defaults():
+    commands = typer.main.get_command(cli.app).commands
+    infer, chat = ({p.name: p for p in commands[name].params} for name in ("infer", "chat"))
+
+    def spec(option):  # what typer/click releases all have; the bounds are checked below by use
+        return option.opts, option.secondary_opts, option.help
+
+    assert [spec(infer[name]) for name in GENERATION] == [spec(chat[name]) for name in GENERATION]
+    defaults = [(infer[name].default, chat[name].default) for name in GENERATION]
+    assert defaults == [(256, 512), (False, True), (0.7, 0.7), (0.9, 0.9), (50, 50), (1.0, 1.0), (0, 0)]
+
+
+@pytest.mark.parametrize("command", ["infer", "chat"])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--top-p", "1.5"), ("--temperature", "-1"), ("--top-k", "-1"), ("--max-new-tokens", "0")],
+)
+def test_infer_and_chat_bound_the_generation_options_alike(command, option, value):
+    result = run_in_process(command, option, value)
+    one_line_usage_error(result, f" {command}", f"Invalid value for '{option}'")
+
+
+def test_importing_the_cli_imports_no_torch():
+    code = "import sys, llama_lora.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -195,7 +195,7 @@ def test_render_marks_trained_text_with_colour_or_markers():
 
 def _main(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", ["llama-lora", "data", "inspect", *args])
-    monkeypatch.setattr(cli, "out", Console(soft_wrap=True, force_terminal=False))  # as in a pipe or log
+    monkeypatch.setattr(cli.core, "out", Console(soft_wrap=True, force_terminal=False))  # as in a pipe or log
     cli.main()
 
 
