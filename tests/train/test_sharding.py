@@ -1,7 +1,11 @@
 """Sharded training (train.sharding: fsdp, FSDP2) on two CPU processes (gloo) under torchrun: the same logged
 losses and the same adapter as one unsharded process on the same micro-batches; a kill and --resume under
 sharding (with gradient checkpointing) equals the uninterrupted sharded run; each process holds half of the
-model's parameters; DPO in bf16 runs sharded; what sharding does not cover is refused in one line."""
+model's parameters; DPO in bf16 runs sharded; what sharding does not cover is refused in one line. The sharded
+build never holds the whole base: it stays on the meta device until split, each process reads only its rows,
+and every shard (base, adapter, DoRA magnitude, buffers) and the generator come out as one process has them.
+
+Run as a script under torchrun (`--build-worker`), this file is the worker of that last test."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from safetensors.torch import load_file
 
 from llama_lora.config import load_config
 from llama_lora.train.loop import train
-from tests.conftest import cli_in_process, tiny_overrides
+from tests.conftest import TINY_SHAPE, cli_in_process, tiny_overrides
 from tests.train.test_multi import SRC, records, torchrun
 from tests.train.test_reliability import wait_for
 
@@ -185,3 +189,106 @@ def test_one_process_asked_to_shard_trains_unsharded_and_says_so(tmp_path, tiny_
     assert code == 0, err
     assert "nothing to shard" in stdout + err
     assert json.loads((out / "train_summary.json").read_text())["sharding"] == "none"
+
+
+def test_the_sharded_build_reads_only_its_rows_and_starts_as_one_process(
+    tmp_path, tiny_model_dir, alpaca_file
+):
+    """Each process builds the base on the meta device, reads only its own rows (half of every tensor), and
+    ends with exactly one process's values in every shard: the base, the adapter's seeded draws, DoRA's
+    magnitude, the rotary buffers; and the generator where one process leaves it. Cases: float32 DoRA on a
+    tied base; bf16 with dropout and gradient checkpointing; LoRA with gaussian init on an untied base stored
+    in several files; a continued adapter (model.adapter)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    untied = tmp_path / "untied"
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), **{**TINY_SHAPE, "num_hidden_layers": 3})
+    LlamaForCausalLM(config).save_pretrained(untied, max_shard_size="2MB")
+    tokenizer.save_pretrained(untied)
+    assert len(list(untied.glob("*.safetensors"))) > 1
+    continued = tmp_path / "continued"
+    train(load_config(overrides=tiny_overrides(tiny_model_dir, alpaca_file, continued, **COMMON)), quiet=True)
+
+    def case(model, **extra):
+        return tiny_overrides(model, alpaca_file, tmp_path / "unused", **{**COMMON, **extra})
+
+    cases = [
+        case(tiny_model_dir),
+        case(tiny_model_dir, **{"train.precision": "bf16", "peft.lora_dropout": 0.05}),
+        case(untied, **{"peft.use_dora": False, "peft.init_lora_weights": "gaussian"}),
+        case(tiny_model_dir, **{"model.adapter": str(continued), "train.gradient_checkpointing": True}),
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC.parent), str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    done = subprocess.run(
+        [*command, "--build-worker", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        for i, got in enumerate(json.loads((tmp_path / f"rank{rank}.json").read_text())):
+            where = f"rank {rank}, case {i}"
+            assert got["on_meta"], where  # nothing of the base held after load
+            assert got["read"] <= got["base"] / 2 + got["corner"], (
+                where
+            )  # its own rows, and the fingerprint's
+            assert got["held"] == pytest.approx(got["whole"] / 2, rel=0.01), where
+            assert got["different"] == [] and got["buffers_different"] == [], where
+            assert got["same_generator"] and got["same_fingerprint"], where
+
+
+def _build_worker(directory: Path) -> None:
+    """Under torchrun: for each case of cases.json, one process's model built unsharded (the reference) and
+    this launch's sharded build, compared; writes rank<N>.json for the test."""
+    from llama_lora.train import build, shard_loading, sharding
+    from llama_lora.train.strategy import Sharded, make_accelerator
+
+    accelerator = make_accelerator("cpu", "fp32")
+    read = []
+    reader = shard_loading.read_rows
+
+    def counting(path, key, start, stop):
+        rows = reader(path, key, start, stop)
+        read.append(rows.numel())
+        return rows
+
+    shard_loading.read_rows = counting
+    report = []
+    for overrides in json.loads((directory / "cases.json").read_text()):
+        cfg = load_config(overrides=overrides)
+        one = build.attach(build.load(cfg))
+        generator = torch.get_rng_state()
+        want = {name: p.detach().clone() for name, p in one.objective.module.named_parameters()}
+        buffers = {name: b.clone() for name, b in one.objective.module.named_buffers()}
+        base = sum(p.numel() for p in one.loaded.model.parameters() if not p.requires_grad)
+        read.clear()
+        loaded = build.load(cfg, sharded=True)
+        on_meta = all(p.is_meta for p in loaded.model.parameters())
+        two = build.attach(loaded, accelerator.num_processes, strategy=Sharded(accelerator))
+        module = two.objective.module
+        got = {name: p.full_tensor() for name, p in module.named_parameters()}  # every process takes part
+        report.append(
+            {
+                "on_meta": on_meta,
+                "read": sum(read),
+                "base": base,
+                "corner": shard_loading.CORNER * one.loaded.model.config.hidden_size,
+                "held": sharding.local_bytes(module),
+                "whole": sharding.local_bytes(one.objective.module),
+                "different": [n for n in want if n not in got or not torch.equal(got[n], want[n])],
+                "buffers_different": [n for n, b in module.named_buffers() if not torch.equal(b, buffers[n])],
+                "same_generator": torch.equal(torch.get_rng_state(), generator),
+                "same_fingerprint": loaded.fingerprint == one.loaded.fingerprint,
+            }
+        )
+    (directory / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--build-worker"]:
+    _build_worker(Path(sys.argv[2]))

@@ -8,6 +8,10 @@
 `loop.train` runs them around the one point where the run directory is created (between the two, since
 PiSSA/OLoRA save their initial adapter into it), and `bench/paired_steps.py` runs them to build each side of
 an A/B exactly as training does.
+
+A sharded run (`train.sharding: fsdp`) builds its base on the meta device instead, and `attach` fills each
+process's shards from the checkpoint once the strategy has split it (shard_loading.py): no process ever holds
+the whole base.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from llama_lora.errors import ConfigError
 from llama_lora.kernels import fused
 from llama_lora.kernels.fastpath import FastPath
 from llama_lora.model import adapters, hardware, loader
-from llama_lora.train import settings
+from llama_lora.train import settings, shard_loading
 from llama_lora.train.objectives.base import Objective
 from llama_lora.train.objectives.preference import PreferenceObjective
 from llama_lora.train.objectives.sft import ResponseObjective
@@ -88,14 +92,20 @@ def micro_batch_plan(
     return [plan[i : i + per_step] for i in range(0, len(plan), per_step)], per_epoch
 
 
-def load_base(cfg: Config, precision: str, ref: loader.ModelRef):
-    """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype."""
+def load_base(
+    cfg: Config, precision: str, ref: loader.ModelRef, sharded: bool = False
+) -> tuple[Any, shard_loading.Source | None]:
+    """The frozen base: 4-bit for QLoRA (`model.load_in_4bit`), else in its storage dtype; and, for a sharded
+    run, where its rows are. `sharded`: the base on the meta device where its checkpoint allows it (each
+    process fills its shards after sharding), so that no process loads the whole of it."""
     if cfg.model.load_in_4bit:
         compute = torch.float16 if precision == "fp16" else torch.bfloat16
         # sharded (QLoRA + FSDP): the packed 4-bit weights stored as `compute` elements, which FSDP can split
         storage = compute if cfg.train.sharding == "fsdp" else None
-        return loader.load_model_4bit(cfg.model, compute, ref, quant_storage=storage)
-    return loader.load_model(cfg.model, hardware.storage_dtype(cfg.model, precision), ref)
+        return loader.load_model_4bit(cfg.model, compute, ref, quant_storage=storage), None
+    dtype = hardware.storage_dtype(cfg.model, precision)
+    on_meta = shard_loading.prepare(cfg.model, ref, dtype) if sharded else None
+    return on_meta or (loader.load_model(cfg.model, dtype, ref), None)
 
 
 def start_adapter(cfg: Config) -> Path | None:
@@ -117,9 +127,10 @@ class Loaded:
     cfg: Config
     tokenizer: Any
     ds: Dataset
-    model: Any  # the frozen base (transformers)
+    model: Any  # the frozen base (transformers); on the meta device where `shards` is set
     settings: Settings
     fingerprint: dict[str, Any]
+    shards: shard_loading.Source | None = None  # a sharded run's checkpoint, read once the model is split
 
 
 def load(
@@ -127,10 +138,13 @@ def load(
     rows: tuple[list[dict], list[dict]] | None = None,
     seed: bool = True,
     device_precision: tuple[str, str] | None = None,
+    sharded: bool = False,
 ) -> Loaded:
     """Tokenizer, examples and the frozen base, and the `Settings` resolved for them. Writes nothing.
     `seed`: seed torch first (every process alike, so every one draws the same initial adapter).
-    `device_precision`: what `hardware.describe_device(cfg.train)` gave the caller, if it asked already."""
+    `device_precision`: what `hardware.describe_device(cfg.train)` gave the caller, if it asked already.
+    `sharded`: `attach` will be given a strategy that splits the model (FSDP2): the base stays on the meta
+    device (`load_base`)."""
     from transformers import set_seed
 
     device, precision = device_precision or hardware.describe_device(cfg.train)
@@ -142,10 +156,12 @@ def load(
     ds = load_dataset(cfg, tokenizer, rows)
     if seed:
         set_seed(cfg.train.seed)
-    model = load_base(cfg, precision, ref)
+    model, shards = load_base(cfg, precision, ref, sharded)
     adapters.check_targets(model, cfg.peft.target_modules)
+    # a meta model has no values: the fingerprint's embedding values come from the checkpoint
+    seen = model if shards is None else shard_loading.fingerprint_view(model, shards)
     stored = (meta.read_meta(start) or {}).get("base_fingerprint") if start is not None else None
-    if stored is not None and not meta.fingerprint_matches(stored, model):
+    if stored is not None and not meta.fingerprint_matches(stored, seen):
         raise ConfigError(
             f"model.adapter: {cfg.model.adapter} was trained for a different base model than {cfg.model.name} "
             "(shapes or weights differ)"
@@ -156,7 +172,8 @@ def load(
         ds,
         model,
         settings.resolve(cfg, model.config, device, precision),
-        meta.base_fingerprint(model),
+        meta.base_fingerprint(seen),
+        shards,
     )
 
 
@@ -192,18 +209,24 @@ def attach(
     cfg, s = loaded.cfg, loaded.settings
     if s.gradient_checkpointing:
         loader.enable_checkpointing(loaded.model)
-    peft_model = adapters.attach(
-        loaded.model,
-        cfg.peft,
-        s.device,
-        initial_dir=initial_dir,
-        autocast=s.autocast,
-        start_from=start_adapter(cfg),
+    on_meta = (
+        shard_loading.attaching(loaded.shards) if loaded.shards is not None else contextlib.nullcontext()
     )
+    with on_meta:
+        peft_model = adapters.attach(
+            loaded.model,
+            cfg.peft,
+            s.device,
+            initial_dir=initial_dir,
+            autocast=s.autocast,
+            start_from=start_adapter(cfg),
+        )
     s.fast_path.install(peft_model, loaded.model, layers=layers)
     objective = make_objective(peft_model, loaded)
     if strategy is not None:
         strategy.shard_model(objective.module, peft_model, s.device)
+    if loaded.shards is not None:
+        shard_loading.materialise(objective.module, peft_model, loaded.shards, s.device, start_adapter(cfg))
     if cfg.train.objective != "sft":
         precompute_reference(objective, peft_model, loaded)
     params = [p for p in objective.module.parameters() if p.requires_grad]

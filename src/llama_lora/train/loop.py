@@ -326,7 +326,7 @@ def train(
     cfg, strategy = choose_strategy(cfg, accelerator, device, say)
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
 
-    loaded = build.load(cfg, device_precision=(device, precision))
+    loaded = build.load(cfg, device_precision=(device, precision), sharded=strategy.sharded)
     cfg = loaded.cfg  # with model.adapter, the peft keys are the continued adapter's
     for note in loaded.ds.notes:
         say(note)

@@ -68,7 +68,8 @@ def _no_bf16() -> bool:
 
 
 def shard(loss_module: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
-    """FSDP2 on every decoder layer, then on `loss_module` (the root: everything else), in place."""
+    """FSDP2 on every decoder layer, then on `loss_module` (the root: everything else), in place. The model
+    may be on the meta device (the sharded build): then every shard is empty until shard_loading.py fills it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
