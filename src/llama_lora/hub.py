@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from llama_lora.errors import HubError
 
 _PROBE_TIMEOUT_S = 3.0
+T = TypeVar("T")
 
 
 def hub_endpoint() -> str:
@@ -112,3 +115,22 @@ def require_hub(repo: str, kind: str) -> None:
     """Raise the clear offline error now rather than after ~25 s of retries."""
     if offline_mode() or not hub_reachable():
         raise unreachable_error(repo, kind)
+
+
+def cache_first(
+    fetch: Callable[..., T], repo: str, kind: str, usable: Callable[[T], bool] | None = None
+) -> T:
+    """`fetch(local_files_only=True)` from the hub cache, with no network; where that fails (or gives what
+    `usable` refuses) the hub is checked first (`require_hub`), then `fetch(local_files_only=False)`
+    downloads, a hub failure becoming one clear error (`explain`)."""
+    try:
+        found = fetch(local_files_only=True)
+        if usable is None or usable(found):
+            return found
+    except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to a download
+        pass
+    require_hub(repo, kind)
+    try:
+        return fetch(local_files_only=False)
+    except (OSError, ValueError) as exc:
+        raise explain(exc, repo, kind) from None

@@ -33,7 +33,7 @@ app.add_typer(export_app, name="export")
 data_app = typer.Typer(help="Look at the training data as `train` builds it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # Commands print through `core.out` / `core.err`, read when they run (not imported by name): replacing one
-# here (as `llama_lora.cli.out`, see the package) reaches every command.
+# here (a test swapping the console) reaches every command.
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

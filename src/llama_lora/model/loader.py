@@ -140,15 +140,7 @@ def _from_pretrained(loader, ref: ModelRef, what: str, mcfg: ModelConfig, **kwar
             raise ModelError(
                 f"{mcfg.name}: its {what} could not be loaded from {path}: {first.rstrip(':')}"
             ) from None
-    try:  # a copy in the hub cache needs no network
-        return loader(ref.path, local_files_only=True, **kwargs)
-    except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to a download
-        pass
-    hub.require_hub(ref.path, "model")
-    try:
-        return loader(ref.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise hub.explain(exc, ref.path, "model") from None
+    return hub.cache_first(lambda **cached: loader(ref.path, **cached, **kwargs), ref.path, "model")
 
 
 def load_tokenizer(mcfg: ModelConfig, ref: ModelRef | None = None, convert: bool = True):

@@ -207,6 +207,7 @@ def attach(
     from transformers import get_scheduler
 
     cfg, s = loaded.cfg, loaded.settings
+    start = start_adapter(cfg)
     if s.gradient_checkpointing:
         loader.enable_checkpointing(loaded.model)
     on_meta = (
@@ -219,16 +220,16 @@ def attach(
             s.device,
             initial_dir=initial_dir,
             autocast=s.autocast,
-            start_from=start_adapter(cfg),
+            start_from=start,
         )
     s.fast_path.install(peft_model, loaded.model, layers=layers)
     objective = make_objective(peft_model, loaded)
     if strategy is not None:
         strategy.shard_model(objective.module, peft_model, s.device)
     if loaded.shards is not None:
-        shard_loading.materialise(objective.module, peft_model, loaded.shards, s.device, start_adapter(cfg))
+        shard_loading.materialise(objective.module, peft_model, loaded.shards, s.device, start)
     if cfg.train.objective != "sft":
-        precompute_reference(objective, peft_model, loaded)
+        precompute_reference(objective, peft_model, loaded, start)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)
@@ -263,14 +264,17 @@ def make_objective(peft_model, loaded: Loaded) -> Objective:
     )
 
 
-def precompute_reference(objective: PreferenceObjective, peft_model, loaded: Loaded) -> None:
-    """DPO's reference log-probabilities of every pair, before the first step."""
+def precompute_reference(
+    objective: PreferenceObjective, peft_model, loaded: Loaded, start: Path | None
+) -> None:
+    """DPO's reference log-probabilities of every pair, before the first step. `start`: the adapter training
+    continues (`start_adapter`), or None."""
     cfg, s = loaded.cfg, loaded.settings
     device = next(p for p in peft_model.parameters()).device
     dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
     # a fresh adapter with B = 0 adds nothing: the reference is the base alone, without the adapter's
     # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
-    fresh = start_adapter(cfg) is None and cfg.peft.init_lora_weights in (True, "gaussian")
+    fresh = start is None and cfg.peft.init_lora_weights in (True, "gaussian")
     adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
     with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
         for examples in (loaded.ds.train, loaded.ds.eval):

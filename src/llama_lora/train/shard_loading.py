@@ -93,20 +93,16 @@ def hub_snapshot(mcfg, ref: loader.ModelRef) -> Path:
     from huggingface_hub import snapshot_download
 
     kwargs = {"revision": mcfg.revision, "allow_patterns": ["*.json", "*.safetensors"]}
-    try:  # the tokenizer's download leaves a snapshot with the config but maybe no weights
-        cached = Path(snapshot_download(ref.path, local_files_only=True, **kwargs))
-        if _complete(cached):
-            return cached
-    except Exception:  # noqa: BLE001 - not cached: download
-        pass
-    hub.require_hub(ref.path, "model")
-    try:
-        return Path(snapshot_download(ref.path, **kwargs))
-    except (OSError, ValueError) as exc:
-        raise hub.explain(exc, ref.path, "model") from None
+    # the tokenizer's download leaves a snapshot with the config but maybe no weights: such a one is not used
+    found = hub.cache_first(
+        lambda **cached: snapshot_download(ref.path, **cached, **kwargs), ref.path, "model", usable=_complete
+    )
+    return Path(found)
 
 
-def _complete(directory: Path) -> bool:
+def _complete(directory: str | Path) -> bool:
+    """Whether a snapshot holds every safetensors file of its checkpoint."""
+    directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         named = set(json.loads(index.read_text())["weight_map"].values())
