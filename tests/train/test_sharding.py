@@ -28,8 +28,8 @@ from tests.train.test_reliability import wait_for
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 
-# DoRA, so that its weight norm is taken over sharded rows; the fast path is off under sharding, and the
-# one-process reference runs without it too
+# DoRA, so that its weight norm is taken over sharded rows; PEFT's own layers and padded batches (the fast
+# path's own test below turns it on, on both sides)
 COMMON = {
     "train.device": "cpu",
     "train.max_steps": 12,
@@ -107,6 +107,22 @@ def test_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, shard
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     PeftModel.from_pretrained(base, str(two / "adapter"))  # plain PEFT loads it
+
+
+def test_the_fast_path_under_sharding_matches_one_process_with_it(tmp_path, tiny_model_dir, sharded_run):
+    """Fused layers and packed batches, with the embedding and head split by vocabulary, on two processes:
+    the same losses and adapter as one process with the fast path on the same micro-batches."""
+    data, _ = sharded_run
+    fast = {"train.fused": True, "train.packing": True}
+    two = tmp_path / "two"
+    done = torchrun("train", "--quiet", *tiny_overrides(tiny_model_dir, data, two, **{**SHARDED, **fast}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = tmp_path / "one"
+    overrides = tiny_overrides(tiny_model_dir, data, one, **{**COMMON, **fast, "train.grad_accum": 2})
+    train(load_config(overrides=overrides), quiet=True)
+    _assert_same_run(two, one)
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert summary["settings"]["fast_path"] == {"fused": True, "packing": True, "grouped_kv": True}
 
 
 def test_sharded_kill_then_resume_equals_the_uninterrupted_sharded_run(tmp_path, tiny_model_dir, sharded_run):
@@ -292,3 +308,15 @@ def _build_worker(directory: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--build-worker"]:
     _build_worker(Path(sys.argv[2]))
+
+
+def test_a_sharded_cpu_process_fixes_the_malloc_threshold():
+    """settle_allocator reaches glibc's mallopt on Linux (in a fresh process: the setting is process-wide)."""
+    import platform
+
+    code = "import torch; from llama_lora.train.sharding import settle_allocator as s; "
+    code += "print(s(torch.device('cpu')), s(torch.device('meta')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert done.stdout.split() == [str(glibc), "False"]

@@ -40,11 +40,9 @@ class FastPath:
 
         Grouped k/v heads go with the fused layers on the CPU, as before the key existed. Preference
         objectives pack too (both answers of every pair of a micro-batch in one sequence, sums taken per row).
-        Under ``train.sharding: fsdp`` all of it is off (FSDP2 gathers each layer's weights around its
-        plain forward; the fused layers were measured for unsharded CPU runs only).
+        Sharded runs (``train.sharding: fsdp``) take it as unsharded ones do: FSDP2 gathers each decoder
+        layer's weights before its forward, whichever forward that is.
         """
-        if tcfg.sharding == "fsdp":
-            return cls(fused=False, packing=False, grouped_kv=False)
         on = device == "cpu" if tcfg.fused == "auto" else bool(tcfg.fused)
         packed = on if tcfg.packing == "auto" else bool(tcfg.packing)
         return cls(fused=on, packing=packed, grouped_kv=on and device == "cpu")

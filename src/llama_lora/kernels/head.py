@@ -73,6 +73,27 @@ def chunk_log_softmax(
     return logp, (probs if dim == 1 else probs.t()).to(weight.dtype) @ weight
 
 
+def head_log_probs(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, grad: bool, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(y_i | h_i) for every row of `h` (float32) and (`grad`) the gradient of the summed cross-entropy
+    with respect to `h`, `chunk` rows at a time (default `chunk_rows`). A head split by vocabulary across the
+    processes of a sharded run (`vocab_parallel.split`: its weight a DTensor) is taken there."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        return _split_head_log_probs(h, weight, y, grad)
+    chunk = chunk or chunk_rows(weight.shape[0])
+    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    d_h = torch.empty_like(h) if grad else None
+    for start in range(0, h.shape[0], chunk):
+        part, d_part = chunk_log_softmax(h[start : start + chunk], weight, y[start : start + chunk], grad)
+        logp[start : start + chunk] = part
+        if grad:
+            d_h[start : start + chunk] = d_part
+    return logp, d_h
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) for a frozen W, with d/dh computed chunk by chunk in the forward pass.
 
@@ -82,16 +103,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(h) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = chunk_rows(weight.shape[0])
-        for start in range(0, h.shape[0], rows):
-            y = targets[start : start + rows]
-            logp, d_h = chunk_log_softmax(h[start : start + rows], weight, y, grad=need_grad)
-            total -= logp.sum()
-            if need_grad:
-                grad[start : start + rows] = d_h
+        logp, grad = head_log_probs(h, weight, targets, grad=ctx.needs_input_grad[0], chunk=rows)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], rows):  # summed chunk by chunk, as ever (the same float32 total)
+            total -= logp[start : start + rows].sum()
         ctx.save_for_backward(grad)
         return total
 
@@ -99,6 +115,71 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None
+
+
+def vocab_rows(weight) -> tuple[torch.Tensor, int]:
+    """This process's rows of a weight split by vocabulary (a DTensor sharded on dim 0, FSDP2's split:
+    ceil(rows / W) rows each) and the first vocabulary id they hold."""
+    local = weight.to_local()
+    chunk = -(-weight.shape[0] // weight.device_mesh.size())
+    return local, min(weight.device_mesh.get_local_rank() * chunk, weight.shape[0])
+
+
+def gather_rows(t: torch.Tensor, group) -> tuple[torch.Tensor, int, int]:
+    """Every process's `t` (rows along dim 0, as many as each has) stacked in rank order, each padded with
+    zeros to the longest: (world x longest, ...), and this process's offset and row count in it. A
+    collective: every process calls it."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    count = torch.tensor([t.shape[0]], dtype=torch.int64)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    longest = max(int(c) for c in counts)
+    padded = t.new_zeros(longest, *t.shape[1:])
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat(parts), rank * longest, t.shape[0]
+
+
+def _split_head_log_probs(
+    h: torch.Tensor, weight, y: torch.Tensor, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`head_log_probs` for a head split by vocabulary across the processes of a sharded run
+    (kernels/vocab_parallel.py). Every process takes every process's rows through its own vocabulary rows;
+    per row the max and the sum of exponentials are reduced across processes (max, then sum), the target's
+    logit comes from the process holding it, and the gradient (softmax - onehot) @ W is summed across them.
+    A collective, with as many chunks on every process (their count comes from the gathered total)."""
+    import torch.distributed as dist
+
+    local, start = vocab_rows(weight)
+    group = weight.device_mesh.get_group()
+    all_h, mine, n = gather_rows(h.detach(), group)
+    all_y, _, _ = gather_rows(y, group)
+    logp = torch.empty(all_h.shape[0], dtype=torch.float32, device=h.device)
+    d_h = torch.zeros_like(all_h) if grad else None
+    rows = chunk_rows(local.shape[0])
+    for first in range(0, all_h.shape[0], rows):
+        part = slice(first, first + rows)
+        logits, dim = _head_logits(all_h[part], local)
+        inside = (all_y[part] >= start) & (all_y[part] < start + local.shape[0])
+        at = (all_y[part] - start).masked_fill_(~inside, 0)
+        picked = logits.gather(dim, at.unsqueeze(dim)).squeeze(dim).masked_fill_(~inside, 0.0)
+        top = logits.amax(dim=dim, keepdim=True)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        e = logits.sub_(top).exp_()
+        stats = torch.stack([e.sum(dim=dim), picked])
+        dist.all_reduce(stats, group=group)
+        logp[part] = stats[1] - stats[0].log().add_(top.squeeze(dim))
+        if grad:
+            probs = e.div_(stats[0].unsqueeze(dim))
+            held = inside.nonzero().squeeze(1)
+            probs[(held, at[held]) if dim == 1 else (at[held], held)] -= 1.0
+            d_h[part] = (probs if dim == 1 else probs.t()).to(local.dtype) @ local
+    if grad:
+        dist.all_reduce(d_h, group=group)
+    return logp[mine : mine + n], d_h[mine : mine + n] if grad else None
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -67,6 +67,7 @@ __all__ = ["FastDoraLinearVariant", "enable_fast_dora", "dora_weight_norm"]
 
 # Plain attribute on the LoRA layer (not a buffer, so it never reaches a state_dict): (key, ||w_i||^2).
 _CACHE_ATTR = "_fast_dora_base_sq_norm"
+NORM_ROWS = 1024  # rows of the base weight cast to float32 at a time for its row norms
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -95,8 +96,10 @@ def _base_sq_row_norms(module: LoraLinear, weight: torch.Tensor, dtype: torch.dt
     cached = module.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    w = transpose(weight, module.fan_in_fan_out).to(dtype)
-    sq = w.square().sum(dim=1)
+    w = transpose(weight, module.fan_in_fan_out)
+    # in blocks of rows: a float32 copy of the whole weight would be its size again, for every layer a
+    # sharded run gathers (its weights are new tensors at every gather, so the cache misses there)
+    sq = torch.cat([block.to(dtype).square().sum(dim=1) for block in w.split(NORM_ROWS)])
     module.__dict__[_CACHE_ATTR] = (key, sq)
     return sq
 

@@ -12,8 +12,9 @@ FSDP all-gathers each parameter in its own dtype (no `param_dtype` cast), so a s
 an unsharded step computes. Gradients are reduced in float32.
 
 The root of the sharding is the objective's loss module (sft.ResponseLoss or preference.PreferenceLoss):
-its forward is what the loop calls, so the embedding, final norm and lm_head (the root group) are gathered
-for the whole of a forward, including the lm_head the losses read directly.
+its forward is what the loop calls, so the root group (the final norm) is gathered for the whole of a
+forward. The frozen embedding and lm_head are not FSDP2's: they are split by vocabulary
+(kernels/vocab_parallel.py), so no process ever gathers a vocabulary-sized table.
 
 What the loop needs besides (every one a collective: every process calls it, in the same order):
 - `adapter_state` / `optimizer_state`: full (gathered) tensors for checkpoints and the final adapter, in the
@@ -50,7 +51,9 @@ def _dtensor():
 def check(cfg, device: str) -> None:
     """Refuse, before any slow work, what `train.sharding: fsdp` does not cover (one line each), whatever
     the number of processes (with one, the run goes on unsharded: train() says so)."""
-    if cfg.train.precision == "fp16" or (cfg.train.precision == "auto" and device == "cuda" and _no_bf16()):
+    from llama_lora.model.hardware import resolve_precision
+
+    if resolve_precision(device, cfg.train.precision) == "fp16":  # asked for, or `auto` on a GPU without bf16
         raise ConfigError(
             "train.sharding: fsdp trains in bf16 or fp32 (fp16's loss scaler does not cover sharded "
             "gradients); set train.precision: bf16 or fp32"
@@ -63,22 +66,54 @@ def check(cfg, device: str) -> None:
         )
 
 
-def _no_bf16() -> bool:
-    return torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
-
-
-def shard(loss_module: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
-    """FSDP2 on every decoder layer, then on `loss_module` (the root: everything else), in place. The model
-    may be on the meta device (the sharded build): then every shard is empty until shard_loading.py fills it."""
+def shard(loss_module: nn.Module, peft_model: nn.Module, device: torch.device) -> None:
+    """FSDP2 on every decoder layer, then on `loss_module` (the root: everything else), in place; the frozen
+    embedding and lm_head split by vocabulary instead (kernels/vocab_parallel.py), so that the root group
+    gathers no vocabulary-sized weight. The model may be on the meta device (the sharded build): then every
+    shard is empty until shard_loading.py fills it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from llama_lora.kernels.head import decoder_and_head
+    from llama_lora.kernels.vocab_parallel import split
+
+    settle_allocator(device)
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    for layer in layers:
+    for layer in decoder_and_head(peft_model)[0].layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(loss_module, mesh=mesh, mp_policy=policy)
+        # FSDP2 gathers the next layer's weights while a layer's backward runs, which overlaps work only
+        # where collectives run beside compute (CUDA streams); on the CPU it only holds two layers at once
+        if device.type == "cpu":
+            layer.set_modules_to_backward_prefetch([layer])  # itself: gathered already, so nothing ahead
+    split_by_vocabulary = split(peft_model, mesh)
+    fully_shard(loss_module, mesh=mesh, mp_policy=policy, ignored_params=split_by_vocabulary or None)
+
+
+# glibc's malloc raises its mmap threshold to the size of any mmap()ed block freed (up to 32 MB), after which
+# blocks that size come from the heap, which returns memory to the system only from its top. FSDP2 allocates
+# and frees every layer's gathered weights (2-32 MB each) twice a step: with the moving threshold the heap
+# keeps them, about 500 MB more a step on Llama-3.2-1B (bench/RESULTS.md). A fixed threshold keeps such
+# blocks mmap()ed, returned on free. Sharded CPU processes only: elsewhere weights are allocated once.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def settle_allocator(device: torch.device) -> bool:
+    """Fix glibc's mmap threshold in this process (CPU only); False where there is no glibc."""
+    libc = _libc() if device.type == "cpu" else None
+    return bool(getattr(libc, "mallopt", lambda *_: 0)(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def local_bytes(module: nn.Module) -> int:

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from llama_lora.kernels.head import decoder_and_head
-from llama_lora.train import parallel
+from llama_lora.train import parallel, sharding
 from llama_lora.train.objectives.sft import eval_sums
 
 
@@ -81,9 +80,7 @@ class Sharded(Replicated):
     name = "fsdp"
 
     def shard_model(self, loss_module: torch.nn.Module, peft_model, device: str) -> None:
-        from llama_lora.train import sharding
-
-        sharding.shard(loss_module, decoder_and_head(peft_model)[0].layers, torch.device(device))
+        sharding.shard(loss_module, peft_model, torch.device(device))
 
     def prepare(self, module, optimizer, load_in_4bit: bool):
         return module, optimizer  # FSDP2 placed and wrapped the model already; no DDP, no wrapper
@@ -109,8 +106,6 @@ class Sharded(Replicated):
             return eval_sums(module, mine, acc.device)
 
     def gather(self, peft_model, optimizer) -> tuple[dict, dict]:
-        from llama_lora.train import sharding
-
         return sharding.adapter_state(peft_model), sharding.optimizer_state(optimizer)
 
     def release(self, module) -> None:
@@ -124,8 +119,6 @@ def choose(cfg, accelerator, device: str, say) -> tuple[Any, Replicated]:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"sharding": "fsdp"})})
     if cfg.train.sharding != "fsdp":
         return cfg, Replicated(accelerator)
-    from llama_lora.train import sharding
-
     sharding.check(cfg, device)
     if accelerator.num_processes == 1:
         say("train.sharding: fsdp with one process: nothing to shard, training unsharded")

@@ -31,18 +31,10 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        from llama_lora.kernels.head import chunk_log_softmax
+        from llama_lora.kernels.head import head_log_probs
 
-        need_grad = ctx.needs_input_grad[0]
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h) if need_grad else None
-        for start in range(0, h.shape[0], chunk):
-            y = targets[start : start + chunk]
-            logp, d_ce = chunk_log_softmax(h[start : start + chunk], weight, y, grad=need_grad)
-            out[start : start + chunk] = logp
-            if need_grad:
-                grad[start : start + chunk] = d_ce.neg_()  # d logp / d h = -(d cross-entropy / d h)
-        ctx.save_for_backward(grad)
+        out, grad = head_log_probs(h, weight, targets, grad=ctx.needs_input_grad[0], chunk=chunk)
+        ctx.save_for_backward(grad.neg_() if grad is not None else None)  # d logp / d h = -(d CE / d h)
         return out
 
     @staticmethod
