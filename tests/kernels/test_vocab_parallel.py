@@ -71,7 +71,7 @@ def _worker(rank: int, port: int, out: str, dtype: torch.dtype) -> None:
     logp, _ = head_log_probs(h.detach(), weight, y, grad=False)
     token = LinearLogProbs.apply(h_ref.detach().requires_grad_(True), weight, y, 16)
     result.update(
-        loss=(float(loss), float(ref)),
+        loss=(float(loss.detach()), float(ref.detach())),
         grad_err=float((h.grad.float() - h_ref.grad.float()).abs().max()),
         logp_err=float(
             (
@@ -91,7 +91,6 @@ def _worker(rank: int, port: int, out: str, dtype: torch.dtype) -> None:
     except RuntimeError:
         result["head_refused"] = True
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    print(rank, {k: v for k, v in result.items() if "err" in k or k == "loss"})
     dist.destroy_process_group()
 
 
