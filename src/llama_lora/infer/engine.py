@@ -18,6 +18,7 @@ CPU it served 16 concurrent requests at 66.5 tokens/s against ~4x that for this 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -29,6 +30,8 @@ import torch
 from llama_lora.infer.sampling import Sampling, choose, penalize
 
 __all__ = ["Engine", "Sequence", "SlotCache"]
+
+_NO_GROUP = object()  # before the first sequence: any group switches
 
 
 class SlotCache:
@@ -98,9 +101,13 @@ class Sequence:
     id: int
     prompt: list[int]
     sampling: Sampling
-    on_token: Callable[[int], None] | None = None  # called from the engine's thread with each new token
+    # called from the engine's thread with each new token; a returned reason ("stop", "cancelled") ends it
+    on_token: Callable[[int], str | None] | None = None
+    on_end: Callable[[Sequence], None] | None = None  # called from the engine's thread when it ends
+    group: str | None = None  # the adapter it runs with (`Engine.select`); one group decodes at a time
     tokens: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" (a stop token or string), "length", "cancelled"
+    finish: str | None = None  # "stop" (a stop token or string), "length", "cancelled", "error"
+    error: str | None = None  # what went wrong, for "error"
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -117,8 +124,24 @@ class Sequence:
 class Engine:
     """Continuous batching over one model (see module doc). Thread-safe `submit`; `step` or `run` drive it."""
 
-    def __init__(self, model, stop_ids: list[int], slots: int = 16, context: int | None = None, decode=None):
+    def __init__(
+        self,
+        model,
+        stop_ids: list[int],
+        slots: int = 16,
+        context: int | None = None,
+        decode=None,
+        select=None,
+        log=print,
+    ):
+        """`decode(ids) -> text` serves stop strings; `select(group)` is a context manager under which the
+        model runs as `group` asks (an adapter active, or none), entered when the running group changes:
+        sequences of one group decode together, the next group's join when the batch has drained."""
         self.model = model
+        self.select = select
+        self.log = log
+        self._group: object = _NO_GROUP
+        self._group_context = contextlib.ExitStack()
         self.stop_ids = set(stop_ids)
         self.slots = slots
         self.context = context or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -135,12 +158,14 @@ class Engine:
         self._stopping = False
 
     # ---- requests
-    def submit(self, prompt: list[int], sampling: Sampling, on_token=None) -> Sequence:
+    def submit(
+        self, prompt: list[int], sampling: Sampling, on_token=None, on_end=None, group: str | None = None
+    ) -> Sequence:
         if not prompt:
             raise ValueError("an empty prompt")
         if len(prompt) >= self.context:
             raise ValueError(f"the prompt is {len(prompt)} tokens, the model's context {self.context}")
-        seq = Sequence(next(self.ids), list(prompt), sampling, on_token)
+        seq = Sequence(next(self.ids), list(prompt), sampling, on_token, on_end, group)
         seq.generator = sampling.generator()
         with self.lock:
             self.waiting.append(seq)
@@ -190,9 +215,22 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as exc:  # one failing step must not take every later request down
+                self.log(f"generation failed: {type(exc).__name__}: {exc}")
+                self._fail(f"{type(exc).__name__}: {exc}")
+                continue
+            if not busy:
                 self.wake.wait(0.5)
                 self.wake.clear()
+        self._group_context.close()
+
+    def _fail(self, message: str) -> None:
+        """End every live sequence with an error (their cache rows are suspect after a failed step)."""
+        for seq in list(self.live):
+            seq.error = message
+            self._end(seq, "error")
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -210,13 +248,30 @@ class Engine:
             with self.lock:
                 if not self.waiting:
                     break
+                if self.live and self.waiting[0].group != self._group:
+                    break  # another group's turn comes when this batch has drained
                 seq = self.waiting.popleft()
             if seq.cancelled:
                 self._end(seq, "cancelled")
                 continue
-            self._prefill(seq)
+            self._switch(seq.group)
+            try:
+                self._prefill(seq)
+            except Exception as exc:  # this prompt alone fails (the cache is untouched until it is stored)
+                seq.error = f"{type(exc).__name__}: {exc}"
+                self._end(seq, "error")
+                continue
             admitted = True
         return admitted
+
+    def _switch(self, group) -> None:
+        if group == self._group or self.select is None:
+            self._group = group
+            return
+        self._group_context.close()
+        self._group_context = contextlib.ExitStack()
+        self._group_context.enter_context(self.select(group))
+        self._group = group
 
     def _prefill(self, seq: Sequence) -> None:
         from transformers import DynamicCache
@@ -257,8 +312,9 @@ class Engine:
         if token in self.stop_ids:
             return self._end(seq, "stop")
         seq.tokens.append(token)
-        if seq.on_token is not None:
-            seq.on_token(token)
+        ended = seq.on_token(token) if seq.on_token is not None else None
+        if ended:  # the consumer's word: "stop" (its own stop string) or "cancelled"
+            return self._end(seq, ended)
         if seq.sampling.stop and self.decode_text is not None and self._hit_stop_string(seq):
             return self._end(seq, "stop")
         if len(seq.tokens) >= seq.sampling.max_new_tokens or seq.length >= self.context:
@@ -281,4 +337,6 @@ class Engine:
                 self.cache.move(last, index, self.live[last].length)
                 self.live[index] = self.live[last]
             self.live.pop()
+        if seq.on_end is not None:
+            seq.on_end(seq)
         seq.done.set()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llama_lora.data import encoding, formats, templates
-from llama_lora.data.batching import collate, pad_id_for
+from llama_lora.data.batching import pad_id_for
 from llama_lora.infer.loading import InferenceError, Loaded
 
 
@@ -35,6 +35,21 @@ class GenerationSettings:
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
         }
+
+
+def sampling_of(settings: GenerationSettings, max_new_tokens: int | None = None):
+    """The engine's per-sequence `Sampling` for these settings."""
+    from llama_lora.infer.sampling import Sampling
+
+    return Sampling(
+        max_new_tokens=settings.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        greedy=settings.greedy,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        repetition_penalty=settings.repetition_penalty,
+        seed=settings.seed,
+    )
 
 
 def render_prompt(loaded: Loaded, messages: list[formats.Message]) -> list[int]:
@@ -152,15 +167,17 @@ def generate_ids(
     return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
 
 
-@torch.no_grad()
 def generate_many(
     loaded: Loaded,
     conversations: list[list[formats.Message]],
     settings: GenerationSettings,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[Generation]:
-    """Greedy/sampled replies for many prompts, left-padded into batches (generation on CPU is dominated
-    by per-step overhead, so a batch of 8 costs little more than one prompt)."""
+    """Replies for many prompts through the engine (engine.py): up to `batch_size` sequences decode together,
+    each joining as another finishes, each with its own generator seeded from `settings.seed`. Each reply is
+    what the prompt gets alone (greedy float32: `generate`'s, tested)."""
+    from llama_lora.infer.engine import Engine
+
     prompts = [render_prompt(loaded, m) for m in conversations]
     limit = context_length(loaded.model)
     for ids in prompts:
@@ -169,28 +186,17 @@ def generate_many(
                 f"a prompt is {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
                 f"it exceeds the model's context of {limit}"
             )
-    pad = _pad_id(loaded)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    results: dict[int, Generation] = {}
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate(
-            [encoding.Example(prompts[i], [encoding.IGNORE] * len(prompts[i])) for i in chunk], pad, "left"
+    engine = Engine(loaded.model, loaded.stop_ids, slots=batch_size, context=limit)
+    done = engine.generate(prompts, sampling_of(settings))
+    return [
+        Generation(
+            loaded.tokenizer.decode(s.tokens, skip_special_tokens=True),
+            s.tokens,
+            len(s.prompt),
+            s.finish == "stop",
         )
-        width = batch["input_ids"].shape[1]
-        out = loaded.model.generate(
-            input_ids=batch["input_ids"].to(loaded.device),
-            attention_mask=batch["attention_mask"].to(loaded.device),
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=loaded.stop_ids,
-            pad_token_id=pad,
-            **settings.kwargs(),
-        )
-        for row, i in enumerate(chunk):
-            results[i] = _finish(loaded, out[row, width:].tolist(), len(prompts[i]))
-    return [results[i] for i in range(len(prompts))]
+        for s in done
+    ]
 
 
 @torch.no_grad()

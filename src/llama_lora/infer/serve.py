@@ -2,8 +2,8 @@
 
 Built on FastAPI + uvicorn rather than `transformers serve`: that server renders prompts its own way, knows
 nothing of a run's template and system prompt, and has no named adapters per request. Here every prompt goes
-through `generate.render_prompt` / `generate.generate_ids`, so the server answers exactly what `infer` does
-(`temperature: 0` is `infer --greedy`).
+through `generate.render_prompt` and the same greedy decoding as `infer`, so the server answers what `infer`
+does (`temperature: 0` is `infer --greedy`).
 
 Several adapters share one base as PEFT named adapters, chosen per request by `model`; the base answers
 under its own name with the adapters switched off. The adapters stay unmerged (PEFT's forward adds the
@@ -12,11 +12,11 @@ the requested adapter changes would cost a pass over the weights at each switch 
 does not undo exactly, would let the base weights drift a little with every switch. Unmerged, every request
 sees the very weights it was trained on, at some cost per token (DoRA's the most, bench/RESULTS.md).
 
-Concurrency: one worker thread (serve_worker.py) owns the model and serves requests one at a time from a
-queue; the endpoints await their results, so any number of clients can wait without touching the model
-together. A request that fails (even with an unexpected exception) answers that request alone; the worker
-goes on. A client that disconnects has its generation stopped at the next token (a stopping criterion
-reads the request's flag).
+Concurrency: the generation engine (engine.py, through serve_worker.py) owns the model in one thread; the
+requests decode together in its running batch (up to 16 at once, joining and leaving between tokens; one
+adapter's requests at a time, the next adapter's joining when that batch has drained), and the endpoints
+await their events. A request that fails answers that request alone; the engine goes on. A client that
+disconnects has its generation cancelled at its next token.
 """
 
 from __future__ import annotations

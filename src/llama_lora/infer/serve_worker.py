@@ -1,11 +1,12 @@
-"""`llama-lora serve`'s worker: the one thread that touches the model, serving queued requests one at a
-time. A request that fails (even with an unexpected exception) answers that request alone; the worker goes
-on. A request whose client went away is stopped at the next token (a stopping criterion reads its flag)."""
+"""`llama-lora serve`'s worker: requests prepared (rendered, checked) in the caller's thread and handed to
+the generation engine (engine.py), whose one thread touches the model: concurrent requests decode together
+in one running batch (requests for one adapter at a time: the next adapter's join when the batch drains).
+A request that fails answers that request alone; the engine goes on. A request whose client went away is
+cancelled at its next token."""
 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,11 +15,14 @@ from typing import TYPE_CHECKING, Any
 from llama_lora.data import encoding, formats
 from llama_lora.errors import LlamaLoraError
 from llama_lora.infer import generate
+from llama_lora.infer.engine import Engine, Sequence
 from llama_lora.infer.serve_api import StopText
 from llama_lora.model import adapters
 
 if TYPE_CHECKING:
     from llama_lora.infer.serve import Served
+
+SLOTS = 16  # sequences decoding at once
 
 
 @dataclass
@@ -40,51 +44,87 @@ class Outcome:
     finish_reason: str
 
 
-class Worker:
-    """The one thread that touches the model. Events per job: ("start", prompt_tokens), ("text", piece)...,
-    then ("done", Outcome) or ("error", (status, message)) instead."""
+class TextPieces:
+    """New tokens -> the text they add, as the final text decodes them (a multi-byte character waits for the
+    rest of its bytes)."""
 
-    def __init__(self, log=print):
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.log = log
-        self.thread = threading.Thread(target=self._loop, name="llama-lora-worker", daemon=True)
-        self.thread.start()
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def rest(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
+class Worker:
+    """Hands jobs to the engine. Events per job: ("start", prompt_tokens), ("text", piece)..., then
+    ("done", Outcome) or ("error", (status, message)) instead; emitted from the engine's thread."""
+
+    def __init__(self, log=print, slots: int = SLOTS):
+        self.log, self.slots = log, slots
+        self.engine: Engine | None = None
+        self.lock = threading.Lock()
+
+    def _engine(self, served: Served) -> Engine:
+        with self.lock:  # every served name shares one model: one engine, made on the first request
+            if self.engine is None:
+                loaded = served.loaded
+                self.engine = Engine(
+                    loaded.model,
+                    loaded.stop_ids,
+                    slots=self.slots,
+                    context=generate.context_length(loaded.model),
+                    select=lambda adapter: adapters.use_adapter(loaded.model, adapter),
+                    log=self.log,
+                )
+                self.engine.start()
+            return self.engine
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        try:
+            ids = self._prompt_ids(job)
+        except (LlamaLoraError, ValueError) as exc:
+            job.emit("error", (400, str(exc)))
+            return
+        job.emit("start", len(ids))
+        pieces = TextPieces(job.served.loaded.tokenizer)
+        cut = StopText(job.stops, lambda piece: job.emit("text", piece))
 
-    def _loop(self) -> None:
-        while True:
-            job = self.jobs.get()
+        def on_token(token: int) -> str | None:
+            cut.feed(pieces.add(token))
+            return "cancelled" if job.cancelled.is_set() else "stop" if cut.hit else None
+
+        def on_end(seq: Sequence) -> None:
+            if seq.finish == "error":
+                job.emit("error", (500, f"internal error: {seq.error}"))
+                return
             if job.cancelled.is_set():
                 job.emit("error", (499, "the client went away"))
-                continue
-            try:
-                job.emit("done", self._serve(job))
-            except (LlamaLoraError, ValueError) as exc:
-                job.emit("error", (400, str(exc)))
-            except Exception as exc:  # never let one request take the server down
-                self.log(f"serve: request failed: {type(exc).__name__}: {exc}")
-                job.emit("error", (500, f"internal error: {type(exc).__name__}"))
+                return
+            cut.feed(pieces.rest())
+            cut.close()
+            finish = "stop" if seq.finish == "stop" or cut.hit else "length"
+            job.emit("done", Outcome(cut.text, len(ids), len(seq.tokens), finish))
 
-    def _serve(self, job: Job) -> Outcome:
-        served = job.served
-        view = dataclasses.replace(served.loaded, tools=job.tools) if job.tools else served.loaded
+        sampling = generate.sampling_of(job.settings)
+        self._engine(job.served).submit(
+            ids, sampling, on_token=on_token, on_end=on_end, group=job.served.adapter
+        )
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        view = dataclasses.replace(job.served.loaded, tools=job.tools) if job.tools else job.served.loaded
         if isinstance(job.prompt, str):
             ids = encoding.tokenize([(job.prompt, False)], view.tokenizer).input_ids
         else:
             ids = generate.render_prompt(view, job.prompt)
         generate.check_context(view, ids)
-        job.emit("start", len(ids))
-        cut = StopText(job.stops, lambda piece: job.emit("text", piece))
-        with adapters.use_adapter(view.model, served.adapter):
-            result = generate.generate_ids(
-                view,
-                ids,
-                job.settings,
-                stream=cut.feed,
-                should_stop=lambda: cut.hit or job.cancelled.is_set(),
-            )
-        cut.close()
-        finish = "stop" if result.stopped or cut.hit else "length"
-        return Outcome(cut.text if cut.hit else result.text, len(ids), len(result.token_ids), finish)
+        return ids
