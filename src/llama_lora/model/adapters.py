@@ -146,13 +146,24 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, adapter_name: s
     Raises RuntimeError when the adapter's shapes do not fit the base."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name)
+    _fast_dora(model)
+    return model
+
+
+def _fast_dora(peft_model) -> None:
+    """Loaded DoRA adapters run on fast_dora's variant, as trained ones do: PEFT's own forms the whole
+    W + s B A for every forward, which an unmerged adapter (serve, compare) pays at every token."""
+    from llama_lora.model.fast_dora import enable_fast_dora
+
+    enable_fast_dora(peft_model)
 
 
 def add_adapter(peft_model, adapter_dir: str | Path, adapter_name: str) -> None:
     """One more saved adapter on a model from `load_adapter`, under `adapter_name` (PEFT's named adapters:
     one base, several adapters, `use_adapter` picks one). Raises RuntimeError when the shapes do not fit."""
     peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    _fast_dora(peft_model)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,170 @@
+"""Concurrent chat requests through `llama-lora serve`, against the same requests one after another.
+
+    python bench/serve_load.py [MODEL_OR_RUN_DIR] [--clients 16] [--tokens 64] [--out results.json]
+
+Starts `llama-lora serve` on a loopback port (one process, as a user runs it), then sends `--clients` streamed
+chat requests with the official `openai` client, each asking for exactly `--tokens` greedy tokens (the demo
+prompts' topics differ; `max_tokens` with no early stop is forced by a stop token the model never reaches
+being absent: requests that end early are counted as they are), first one after another, then all at once.
+Reports for each side: the wall time, completion tokens per second, and the median and 95th-percentile time
+to first token. The ratio concurrent/serial of tokens per second is the figure issue 29 asks for (>= 8x, p95
+time to first token under 5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = [
+    "a robot",
+    "the sea",
+    "a cat",
+    "bread",
+    "winter",
+    "a city",
+    "music",
+    "trees",
+    "the moon",
+    "a river",
+    "tea",
+    "a dog",
+    "snow",
+    "a train",
+    "books",
+    "the sun",
+    "clouds",
+    "a bridge",
+    "rain",
+    "a garden",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, port: int):
+    import requests
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_lora", "serve", model, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server was not ready in 300 s")
+
+
+def ask(client, model: str, topic: str, tokens: int) -> tuple[float, float, int]:
+    """(time to first token, total time, completion tokens) of one streamed request."""
+    start = time.monotonic()
+    first, count = None, 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Write a long story about {topic}."}],
+        temperature=0,
+        max_tokens=tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.monotonic() - start
+        if chunk.usage is not None:
+            count = chunk.usage.completion_tokens
+    return (first if first is not None else time.monotonic() - start), time.monotonic() - start, count
+
+
+def side(url: str, model: str, clients: int, tokens: int, concurrent: bool) -> dict:
+    import openai
+
+    results: list[tuple[float, float, int]] = [None] * clients  # type: ignore[list-item]
+
+    def one(i: int) -> None:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        results[i] = ask(client, model, TOPICS[i % len(TOPICS)], tokens)
+
+    start = time.monotonic()
+    if concurrent:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(clients):
+            one(i)
+    wall = time.monotonic() - start
+    ttft = sorted(r[0] for r in results)
+    total = sum(r[2] for r in results)
+    return {
+        "wall_s": round(wall, 2),
+        "completion_tokens": total,
+        "tokens_per_s": round(total / wall, 1),
+        "ttft_p50_s": round(statistics.median(ttft), 2),
+        "ttft_p95_s": round(ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", nargs="?", default="smollm2-135m-instruct", help="what to serve")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    port = free_port()
+    proc = start(args.model, port)
+    try:
+        import openai
+
+        url = f"http://127.0.0.1:{port}/v1"
+        model = openai.OpenAI(base_url=url, api_key="unused").models.list().data[0].id
+        ask(openai.OpenAI(base_url=url, api_key="unused"), model, "warm-up", 8)
+        serial = side(url, model, args.clients, args.tokens, concurrent=False)
+        together = side(url, model, args.clients, args.tokens, concurrent=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": args.model,
+        "clients": args.clients,
+        "tokens": args.tokens,
+        "serial": serial,
+        "concurrent": together,
+        "throughput_ratio": round(together["tokens_per_s"] / serial["tokens_per_s"], 2),
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
