@@ -13,7 +13,7 @@ capacity doubles when a sequence needs more. The model is transformers' own (any
 object with `update` and a ready 4D mask); only the cache and the scheduling are ours.
 
 Why not transformers' `generate_batch` (ContinuousBatchingManager with its paged CPU cache): on this project's
-CPU it served 16 concurrent requests at 66.5 tokens/s against ~4x that for this loop (bench/RESULTS.md).
+CPU it served 16 concurrent prompts at about two thirds of this loop's rate (bench/RESULTS.md).
 """
 
 from __future__ import annotations
