@@ -142,6 +142,65 @@ def test_models_lists_the_base_and_each_adapter(client, tiny_model_dir):
     assert sorted(m.id for m in client.models.list().data) == sorted([str(tiny_model_dir), "fruit", "greet"])
 
 
+def test_models_name_their_parent_and_root(server, runs, tiny_model_dir):
+    """vLLM's fields: an adapter's `parent` is the base, its `root` its directory; the base is its own root."""
+    rows = requests.get(f"{server[0]}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    by_id = {row["id"]: row for row in rows["data"]}
+    base = str(tiny_model_dir)
+    assert by_id[base]["parent"] is None and by_id[base]["root"] == base
+    for name in ("fruit", "greet"):
+        assert by_id[name]["parent"] == base
+        assert Path(by_id[name]["root"]).resolve() == (runs[name] / "adapter").resolve()
+
+
+def test_health_answers_without_a_key(server):
+    root = server[0].removesuffix("/v1")
+    assert requests.get(f"{root}/health", timeout=10).status_code == 200
+
+
+def test_base_colon_adapter_names_the_adapter(client, expected, tiny_model_dir):
+    """SGLang's `base:adapter` form: the adapter's answer; an unknown adapter is a 404 like any name."""
+    texts, _ = expected
+    reply = client.chat.completions.create(
+        model=f"{tiny_model_dir}:fruit",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        temperature=0,
+        max_tokens=N_NEW,
+    )
+    assert reply.choices[0].message.content == texts[("fruit", PROMPTS[0])]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model=f"{tiny_model_dir}:nope", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+
+
+def test_metrics_count_requests_tokens_and_first_tokens(server, client):
+    root = server[0].removesuffix("/v1")
+
+    def scrape() -> dict[str, float]:
+        text = requests.get(f"{root}/metrics", timeout=10).text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    before = scrape()
+    reply = chat(client, "fruit", PROMPTS[1])
+    after = scrape()
+    ok = 'llama_lora_requests_total{status="200"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["llama_lora_generation_tokens_total"] - before["llama_lora_generation_tokens_total"] == (
+        reply.usage.completion_tokens
+    )
+    assert after["llama_lora_prompt_tokens_total"] - before["llama_lora_prompt_tokens_total"] == (
+        reply.usage.prompt_tokens
+    )
+    count = "llama_lora_time_to_first_token_seconds_count"
+    assert after[count] == before[count] + 1
+    assert after["llama_lora_num_requests_running"] == 0 and after["llama_lora_num_requests_waiting"] == 0
+
+
 @pytest.mark.parametrize("name", ["base", "fruit", "greet"])
 def test_greedy_chat_equals_infer(client, expected, name):
     texts, loaded = expected

@@ -34,7 +34,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llama_lora import run_dir
@@ -188,7 +188,18 @@ def create_app(served: dict[str, Served], worker: Worker, api_key: str | None, l
             check_key(request.headers, api_key)
         except ApiError as exc:
             return exc.response()
-        return model_list(served, created)
+        return model_list([listed(s, base_of(served)) for s in served.values()], created)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)  # as vLLM's and SGLang's: up and serving, no key asked
+
+    @app.get("/metrics")
+    async def metrics():
+        running, waiting = worker.load()
+        return PlainTextResponse(
+            worker.metrics.text(running, waiting), media_type="text/plain; version=0.0.4"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -199,6 +210,18 @@ def create_app(served: dict[str, Served], worker: Worker, api_key: str | None, l
         return await Completion(request, False, served, worker, api_key, log).answer()
 
     return app
+
+
+def base_of(served: dict[str, Served]) -> str | None:
+    """The base model's served name (the one name without an adapter)."""
+    return next((s.name for s in served.values() if s.adapter is None), None)
+
+
+def listed(s: Served, base: str | None) -> tuple[str, str | None, str]:
+    """(name, parent, root) of one served name for /v1/models."""
+    if s.adapter is None:
+        return s.name, None, s.name
+    return s.name, base, str(s.loaded.source.adapter_dir) if s.loaded.source else s.name
 
 
 def add_error_handlers(app: FastAPI, log) -> None:
@@ -228,8 +251,10 @@ class Completion:
         self.start, self.name, self.path = time.monotonic(), "-", request.url.path
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.job: Job | None = None
+        self.first: float | None = None  # seconds to the first token
 
     def line(self, status: int, prompt: int = 0, completion: int = 0, note: str = "") -> None:
+        self.worker.metrics.finished(status, prompt, completion)
         self.log(
             f"serve: {self.path} model={self.name} status={status} prompt_tokens={prompt} "
             f"completion_tokens={completion} time={time.monotonic() - self.start:.2f}s{note}"
@@ -258,7 +283,7 @@ class Completion:
         check_key(self.request.headers, self.api_key)
         body = await read_json(self.request)
         self.name = requested_model(body)
-        return parse_request(body, self.served, self.chat)
+        return parse_request(body, self.served, self.chat, base_of(self.served))
 
     def submit(self, parsed: CompletionRequest) -> None:
         def emit(kind: str, value: Any) -> None:
@@ -272,7 +297,11 @@ class Completion:
     async def next_event(self, watch: bool = True) -> tuple[str, Any]:
         while True:
             try:
-                return await asyncio.wait_for(self.events.get(), timeout=0.5)
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+                if event[0] in ("text", "done") and self.first is None:
+                    self.first = time.monotonic() - self.start
+                    self.worker.metrics.first_token(self.first)
+                return event
             except asyncio.TimeoutError:
                 if watch and await self.request.is_disconnected():
                     self.job.cancelled.set()

@@ -116,9 +116,21 @@ def parse_prompt(body: dict) -> str:
     return prompt
 
 
-def parse_request(body: dict, served: Collection[str], chat: bool) -> CompletionRequest:
-    """Check a completion body in the order clients see the errors: model, sampling, prompt, streaming."""
-    name = requested_model(body)
+def resolve_model(name: str, served: Collection[str], base: str | None) -> str:
+    """The served name a request's `model` means: a served name itself, or SGLang's `base:adapter`."""
+    if name not in served and base is not None and name.startswith(base + ":"):
+        adapter = name[len(base) + 1 :]
+        if adapter in served and adapter != base:
+            return adapter
+    return name
+
+
+def parse_request(
+    body: dict, served: Collection[str], chat: bool, base: str | None = None
+) -> CompletionRequest:
+    """Check a completion body in the order clients see the errors: model, sampling, prompt, streaming.
+    `base`: the base model's served name, for `base:adapter`."""
+    name = resolve_model(requested_model(body), served, base)
     if name not in served:
         raise ApiError(
             404,
@@ -197,10 +209,66 @@ class StopText:
 # ------------------------------------------------------------------------------------------- answers
 
 
-def model_list(names: Collection[str], created: int) -> dict:
-    """GET /v1/models."""
-    rows = [{"id": n, "object": "model", "created": created, "owned_by": "llama-lora"} for n in names]
+def model_list(models: list[tuple[str, str | None, str]], created: int) -> dict:
+    """GET /v1/models from (name, parent, root) per served name, as vLLM lists them: an adapter's `parent`
+    is its base's name and its `root` its directory; the base has no parent and is its own root."""
+    rows = [
+        {
+            "id": n,
+            "object": "model",
+            "created": created,
+            "owned_by": "llama-lora",
+            "parent": parent,
+            "root": root,
+        }
+        for n, parent, root in models
+    ]
     return {"object": "list", "data": rows}
+
+
+class Metrics:
+    """What GET /metrics reports, in Prometheus' text format: requests by status, tokens in and out, time to
+    first token, and (read when asked) the sequences running and waiting. Updated from the server's loop."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.requests: dict[int, int] = {}
+        self.prompt_tokens = self.generation_tokens = 0
+        self.ttft_counts = [0] * len(self.BUCKETS)
+        self.ttft_sum, self.ttft_count = 0.0, 0
+
+    def finished(self, status: int, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests[status] = self.requests.get(status, 0) + 1
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += completion_tokens
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft_sum, self.ttft_count = self.ttft_sum + seconds, self.ttft_count + 1
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.ttft_counts[i] += 1
+
+    def text(self, running: int, waiting: int) -> str:
+        p = "llama_lora_"
+        lines = [
+            f"# HELP {p}requests_total Finished requests by HTTP status.",
+            f"# TYPE {p}requests_total counter",
+        ]
+        lines += [f'{p}requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())]
+        for name, value, kind, text in (
+            ("prompt_tokens_total", self.prompt_tokens, "counter", "Prompt tokens of finished requests."),
+            ("generation_tokens_total", self.generation_tokens, "counter", "Tokens generated."),
+            ("num_requests_running", running, "gauge", "Sequences decoding now."),
+            ("num_requests_waiting", waiting, "gauge", "Sequences waiting for a slot."),
+        ):
+            lines += [f"# HELP {p}{name} {text}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
+        name = f"{p}time_to_first_token_seconds"
+        lines += [f"# HELP {name} From the request's arrival to its first token.", f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.BUCKETS, self.ttft_counts)]
+        lines += [f'{name}_bucket{{le="+Inf"}} {self.ttft_count}', f"{name}_sum {self.ttft_sum:.6f}"]
+        lines += [f"{name}_count {self.ttft_count}"]
+        return "\n".join(lines) + "\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -16,7 +16,7 @@ from llama_lora.data import encoding, formats
 from llama_lora.errors import LlamaLoraError
 from llama_lora.infer import generate
 from llama_lora.infer.engine import Engine, Sequence
-from llama_lora.infer.serve_api import StopText
+from llama_lora.infer.serve_api import Metrics, StopText
 from llama_lora.model import adapters
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class Worker:
 
     def __init__(self, log=print, slots: int = SLOTS):
         self.log, self.slots = log, slots
+        self.metrics = Metrics()
         self.engine: Engine | None = None
         self.lock = threading.Lock()
 
@@ -88,6 +89,11 @@ class Worker:
                 )
                 self.engine.start()
             return self.engine
+
+    def load(self) -> tuple[int, int]:
+        """(sequences decoding, sequences waiting) now."""
+        engine = self.engine
+        return (0, 0) if engine is None else (len(engine.live), len(engine.waiting))
 
     def submit(self, job: Job) -> None:
         try:
