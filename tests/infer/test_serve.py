@@ -370,6 +370,54 @@ def test_positional_run_dir_is_served_under_its_name(runs, expected, tmp_path):
     assert "k2" not in (tmp_path / "log.txt").read_text()
 
 
+def test_a_full_waiting_queue_answers_503_with_retry_after(runs, tmp_path):
+    """One sequence decoding, one waiting (--max-sequences 1 --max-waiting 1): a third request gets 503 with
+    Retry-After; once the first client goes away the waiting one is served."""
+    proc, url = start_server(
+        [str(runs["fruit"]), "--max-sequences", "1", "--max-waiting", "1"], tmp_path / "log"
+    )
+    root = url.removesuffix("/v1")
+
+    def body(tokens: int, stream: bool = False) -> dict:
+        messages = [{"role": "user", "content": "Go on."}]
+        return {
+            "model": "fruit",
+            "messages": messages,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": stream,
+        }
+
+    def waiting() -> float:
+        text = requests.get(f"{root}/metrics", timeout=10).text
+        return float(re.search(r"^llama_lora_num_requests_waiting (\S+)$", text, re.M).group(1))
+
+    try:
+        first = requests.post(
+            f"{url}/chat/completions", json=body(1500, stream=True), stream=True, timeout=60
+        )
+        lines = first.iter_lines()
+        next(line for line in lines if line)  # it is decoding
+        second: dict = {}
+        waiter = threading.Thread(
+            target=lambda: second.update(
+                r=requests.post(f"{url}/chat/completions", json=body(4), timeout=120)
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        third = requests.post(f"{url}/chat/completions", json=body(4), timeout=60)
+        assert third.status_code == 503 and third.headers["Retry-After"] == "1"
+        assert third.json()["error"]["type"] == "server_error" and "busy" in third.json()["error"]["message"]
+        first.close()
+        waiter.join(120)
+        assert second["r"].status_code == 200 and second["r"].json()["choices"][0]["message"]["content"]
+    finally:
+        stop_server(proc)
+
+
 def test_serve_refuses_adapters_of_different_bases(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs["greet"], other)

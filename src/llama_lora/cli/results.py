@@ -177,11 +177,25 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Annotated[str | None, typer.Option(help="Or env LLAMA_LORA_API_KEY.")] = None,
+    max_sequences: Annotated[
+        int, typer.Option(min=1, max=256, help="Requests decoding together in one batch.")
+    ] = 16,
+    max_waiting: Annotated[
+        int, typer.Option(min=0, max=100_000, help="Requests waiting for a place; more get 503.")
+    ] = 64,
 ) -> None:
     """OpenAI-compatible server for a base model and its adapters (docs/elsewhere.md)."""
     from llama_lora.infer.serve import serve as run_server
 
-    run_server(model, adapter or [], host=host, port=port, api_key=api_key)
+    run_server(
+        model,
+        adapter or [],
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_sequences=max_sequences,
+        max_waiting=max_waiting,
+    )
 
 
 @core.export_app.command("gguf")

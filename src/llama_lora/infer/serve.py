@@ -13,9 +13,10 @@ does not undo exactly, would let the base weights drift a little with every swit
 sees the very weights it was trained on, at some cost per token (DoRA's the most, bench/RESULTS.md).
 
 Concurrency: the generation engine (engine.py, through serve_worker.py) owns the model in one thread; the
-requests decode together in its running batch (up to 16 at once, joining and leaving between tokens; one
+requests decode together in its running batch (up to `--max-sequences` at once, joining and leaving between tokens; one
 adapter's requests at a time, the next adapter's joining when that batch has drained), and the endpoints
-await their events. A request that fails answers that request alone; the engine goes on. A client that
+await their events. Past `--max-waiting` requests waiting for a place, a request gets 503 with Retry-After.
+A request that fails answers that request alone; the engine goes on. A client that
 disconnects has its generation cancelled at its next token.
 """
 
@@ -360,6 +361,8 @@ def serve(
     api_key: str | None = None,
     device: str = "auto",
     log=_log,
+    max_sequences: int = 16,
+    max_waiting: int = 64,
 ) -> None:
     """Load the models, then answer requests until interrupted. The API key comes from `api_key` or the
     LLAMA_LORA_API_KEY environment variable; it is never logged."""
@@ -374,7 +377,7 @@ def serve(
         except OSError as exc:
             raise ServeError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
     served = load_served(model, parse_adapter_specs(adapter_specs), device=device, log=log)
-    app = create_app(served, Worker(log), key, log)
+    app = create_app(served, Worker(log, slots=max_sequences, max_waiting=max_waiting), key, log)
     auth = "API key required" if key else "no API key"
     log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

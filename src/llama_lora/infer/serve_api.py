@@ -18,6 +18,9 @@ from llama_lora.infer import generate
 MAX_BODY = 1 << 20  # bytes of request body accepted (1 MiB)
 
 
+RETRY_AFTER_S = 1  # what a 503 (the waiting queue full) tells the client to wait
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -30,7 +33,8 @@ class ApiError(Exception):
             self.status, "invalid_request_error" if self.status < 500 else "server_error"
         )
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def _number(body: dict, key: str, default, low: float, high: float, integer: bool = False):

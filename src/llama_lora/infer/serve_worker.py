@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from llama_lora.infer.serve import Served
 
 SLOTS = 16  # sequences decoding at once
+MAX_WAITING = 64  # sequences waiting for a slot; a request beyond them gets 503 (back-pressure)
 
 
 @dataclass
@@ -69,8 +70,8 @@ class Worker:
     """Hands jobs to the engine. Events per job: ("start", prompt_tokens), ("text", piece)..., then
     ("done", Outcome) or ("error", (status, message)) instead; emitted from the engine's thread."""
 
-    def __init__(self, log=print, slots: int = SLOTS):
-        self.log, self.slots = log, slots
+    def __init__(self, log=print, slots: int = SLOTS, max_waiting: int = MAX_WAITING):
+        self.log, self.slots, self.max_waiting = log, slots, max_waiting
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.lock = threading.Lock()
@@ -101,6 +102,12 @@ class Worker:
         except (LlamaLoraError, ValueError) as exc:
             job.emit("error", (400, str(exc)))
             return
+        engine = self._engine(job.served)
+        if len(engine.waiting) >= self.max_waiting:
+            job.emit(
+                "error", (503, f"the server is busy ({len(engine.waiting)} requests waiting); retry shortly")
+            )
+            return
         job.emit("start", len(ids))
         pieces = TextPieces(job.served.loaded.tokenizer)
         cut = StopText(job.stops, lambda piece: job.emit("text", piece))
@@ -122,9 +129,7 @@ class Worker:
             job.emit("done", Outcome(cut.text, len(ids), len(seq.tokens), finish))
 
         sampling = generate.sampling_of(job.settings)
-        self._engine(job.served).submit(
-            ids, sampling, on_token=on_token, on_end=on_end, group=job.served.adapter
-        )
+        engine.submit(ids, sampling, on_token=on_token, on_end=on_end, group=job.served.adapter)
 
     def _prompt_ids(self, job: Job) -> list[int]:
         view = dataclasses.replace(job.served.loaded, tools=job.tools) if job.tools else job.served.loaded
