@@ -48,6 +48,13 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter/adapter_model.safetensors"))
 
 
+def _failure(stderr: str) -> str:
+    """A failed launch's story: every process's own error lines first (a rank's abort is otherwise lost
+    behind the other's traceback), then the end of the output."""
+    own = [line for line in stderr.splitlines() if "Error" in line or "error" in line or "terminate" in line]
+    return "\n".join(own[-40:]) + "\n---\n" + stderr[-3000:]
+
+
 def _assert_same_run(got: Path, want: Path) -> None:
     logged, expected = records(got), records(want)
     assert [r["step"] for r in logged] == [r["step"] for r in expected]
@@ -147,7 +154,7 @@ def test_sharded_kill_then_resume_equals_the_uninterrupted_sharded_run(tmp_path,
     assert not (out / "adapter").exists()
 
     resumed = torchrun("train", "--quiet", *args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, _failure(resumed.stderr)
     assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, 13))
     a, b = _adapter(out), _adapter(whole)
     assert a.keys() == b.keys()

@@ -159,7 +159,7 @@ def _split_head_log_probs(
     all_y, _, _ = gather_rows(y, group)
     logp = torch.empty(all_h.shape[0], dtype=torch.float32, device=h.device)
     d_h = torch.zeros_like(all_h) if grad else None
-    rows = chunk_rows(local.shape[0])
+    rows = chunk_rows(-(-weight.shape[0] // weight.device_mesh.size()))  # alike on every process
     for first in range(0, all_h.shape[0], rows):
         part = slice(first, first + rows)
         logits, dim = _head_logits(all_h[part], local)
