@@ -15,6 +15,7 @@ micro-batches (see parallel.py); only the main process writes the run directory 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -320,6 +321,10 @@ def train(
     device, precision = hardware.describe_device(cfg.train)
     loader.check_load_in_4bit(cfg.model, device)
     adapters.lora_config(cfg.peft, device)  # validate adapter settings before any slow work
+    if cfg.train.sharding == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from llama_lora.train.sharding import settle_allocator
+
+        settle_allocator(torch.device(device))  # before the process group's threads exist
     accelerator = make_accelerator(device, precision)
     main, world = accelerator.is_main_process, accelerator.num_processes
     say = (lambda *a: None) if quiet or not main else log

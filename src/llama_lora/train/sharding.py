@@ -77,16 +77,11 @@ def shard(loss_module: nn.Module, peft_model: nn.Module, device: torch.device) -
     from llama_lora.kernels.head import decoder_and_head
     from llama_lora.kernels.vocab_parallel import split
 
-    settle_allocator(device)
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for layer in decoder_and_head(peft_model)[0].layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-        # FSDP2 gathers the next layer's weights while a layer's backward runs, which overlaps work only
-        # where collectives run beside compute (CUDA streams); on the CPU it only holds two layers at once
-        if device.type == "cpu":
-            layer.set_modules_to_backward_prefetch([layer])  # itself: gathered already, so nothing ahead
     split_by_vocabulary = split(peft_model, mesh)
     fully_shard(loss_module, mesh=mesh, mp_policy=policy, ignored_params=split_by_vocabulary or None)
 
@@ -111,7 +106,8 @@ def _libc():
 
 
 def settle_allocator(device: torch.device) -> bool:
-    """Fix glibc's mmap threshold in this process (CPU only); False where there is no glibc."""
+    """Fix glibc's mmap threshold in this process (CPU only); False where there is no glibc. mallopt is
+    not thread-safe: call it before the process group (and its threads) exists (loop.train does)."""
     libc = _libc() if device.type == "cpu" else None
     return bool(getattr(libc, "mallopt", lambda *_: 0)(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
