@@ -13,17 +13,12 @@ import torch
 from llama_lora.data import encoding, formats, templates
 from llama_lora.data.batching import pad_id_for
 from llama_lora.infer.loading import InferenceError, Loaded
+from llama_lora.infer.sampling import Sampling
 
 
 @dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    greedy: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int | None = 0
+class GenerationSettings(Sampling):
+    """The engine's per-sequence `Sampling`, with what transformers' `generate` takes for the same settings."""
 
     def kwargs(self) -> dict[str, Any]:
         if self.greedy:
@@ -35,21 +30,6 @@ class GenerationSettings:
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
         }
-
-
-def sampling_of(settings: GenerationSettings, max_new_tokens: int | None = None):
-    """The engine's per-sequence `Sampling` for these settings."""
-    from llama_lora.infer.sampling import Sampling
-
-    return Sampling(
-        max_new_tokens=settings.max_new_tokens if max_new_tokens is None else max_new_tokens,
-        greedy=settings.greedy,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        repetition_penalty=settings.repetition_penalty,
-        seed=settings.seed,
-    )
 
 
 def render_prompt(loaded: Loaded, messages: list[formats.Message]) -> list[int]:
@@ -72,30 +52,42 @@ class Generation:
     stopped: bool  # ended on an end-of-turn/EOS token (not cut by max_new_tokens)
 
 
+class TextPieces:
+    """New tokens -> the text they add, as the final text decodes them (a multi-byte character waits for the
+    rest of its bytes), so that streamed pieces join to the final text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, *tokens: int) -> str:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def rest(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
 class _PrintStreamer:
-    """Prints decoded text as tokens arrive (the same decoding as the final text, so outputs agree)."""
+    """transformers' streamer interface over `TextPieces`: prints decoded text as tokens arrive."""
 
     def __init__(self, tokenizer, stop_ids: list[int], write):
-        self.tokenizer, self.stop_ids, self.write = tokenizer, set(stop_ids), write
-        self.ids: list[int] = []
-        self.shown = ""
+        self.pieces, self.stop_ids, self.write = TextPieces(tokenizer), set(stop_ids), write
         self.first = True
 
     def put(self, value: torch.Tensor) -> None:
         if self.first:  # generate() passes the prompt first
             self.first = False
             return
-        self.ids.extend(int(t) for t in value.reshape(-1) if int(t) not in self.stop_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return
-        self.write(text[len(self.shown) :])
-        self.shown = text
+        self.write(self.pieces.add(*(int(t) for t in value.reshape(-1) if int(t) not in self.stop_ids)))
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self.write(text[len(self.shown) :])
-        self.shown = text
+        self.write(self.pieces.rest())
 
 
 def _pad_id(loaded: Loaded) -> int:
@@ -187,7 +179,7 @@ def generate_many(
                 f"it exceeds the model's context of {limit}"
             )
     engine = Engine(loaded.model, loaded.stop_ids, slots=batch_size, context=limit)
-    done = engine.generate(prompts, sampling_of(settings))
+    done = engine.generate(prompts, settings)
     return [
         Generation(
             loaded.tokenizer.decode(s.tokens, skip_special_tokens=True),

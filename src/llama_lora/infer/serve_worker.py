@@ -45,27 +45,6 @@ class Outcome:
     finish_reason: str
 
 
-class TextPieces:
-    """New tokens -> the text they add, as the final text decodes them (a multi-byte character waits for the
-    rest of its bytes)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.shown = text[len(self.shown) :], text
-        return piece
-
-    def rest(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        piece, self.shown = text[len(self.shown) :], text
-        return piece
-
-
 class Worker:
     """Hands jobs to the engine. Events per job: ("start", prompt_tokens), ("text", piece)..., then
     ("done", Outcome) or ("error", (status, message)) instead; emitted from the engine's thread."""
@@ -109,7 +88,7 @@ class Worker:
             )
             return
         job.emit("start", len(ids))
-        pieces = TextPieces(job.served.loaded.tokenizer)
+        pieces = generate.TextPieces(job.served.loaded.tokenizer)
         cut = StopText(job.stops, lambda piece: job.emit("text", piece))
 
         def on_token(token: int) -> str | None:
@@ -128,8 +107,7 @@ class Worker:
             finish = "stop" if seq.finish == "stop" or cut.hit else "length"
             job.emit("done", Outcome(cut.text, len(ids), len(seq.tokens), finish))
 
-        sampling = generate.sampling_of(job.settings)
-        engine.submit(ids, sampling, on_token=on_token, on_end=on_end, group=job.served.adapter)
+        engine.submit(ids, job.settings, on_token=on_token, on_end=on_end, group=job.served.adapter)
 
     def _prompt_ids(self, job: Job) -> list[int]:
         view = dataclasses.replace(job.served.loaded, tools=job.tools) if job.tools else job.served.loaded
