@@ -117,25 +117,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None
 
 
-def vocab_rows(weight) -> tuple[torch.Tensor, int]:
-    """This process's rows of a weight split by vocabulary (a DTensor sharded on dim 0, FSDP2's split:
-    ceil(rows / W) rows each) and the first vocabulary id they hold."""
-    local = weight.to_local()
-    chunk = -(-weight.shape[0] // weight.device_mesh.size())
-    return local, min(weight.device_mesh.get_local_rank() * chunk, weight.shape[0])
+def first_row(rows: int, world: int, rank: int) -> int:
+    """The first of `rows` that process `rank` of `world` holds under FSDP2's dim-0 split (torch.chunk's:
+    ceil(rows / world) rows each, the last pieces shorter or empty)."""
+    return min(rank * -(-rows // world), rows)
 
 
-def gather_rows(t: torch.Tensor, group) -> tuple[torch.Tensor, int, int]:
+def shard_rows(weight) -> tuple[torch.Tensor, int]:
+    """This process's rows of a DTensor sharded on dim 0 (FSDP2's split) and the index of the first of them
+    (for a weight split by vocabulary: the first token id it holds)."""
+    mesh = weight.device_mesh
+    return weight.to_local(), first_row(weight.shape[0], mesh.size(), mesh.get_local_rank())
+
+
+def gather_rows(t: torch.Tensor, group, longest: int | None = None) -> tuple[torch.Tensor, int, int]:
     """Every process's `t` (rows along dim 0, as many as each has) stacked in rank order, each padded with
     zeros to the longest: (world x longest, ...), and this process's offset and row count in it. A
-    collective: every process calls it."""
+    collective: every process calls it. `longest`, where the caller knows it already, spares the
+    collective that finds it."""
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    count = torch.tensor([t.shape[0]], dtype=torch.int64)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    longest = max(int(c) for c in counts)
+    if longest is None:
+        count = torch.tensor([t.shape[0]], dtype=torch.int64)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        longest = max(int(c) for c in counts)
     padded = t.new_zeros(longest, *t.shape[1:])
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -153,10 +160,10 @@ def _split_head_log_probs(
     A collective, with as many chunks on every process (their count comes from the gathered total)."""
     import torch.distributed as dist
 
-    local, start = vocab_rows(weight)
+    local, start = shard_rows(weight)
     group = weight.device_mesh.get_group()
     all_h, mine, n = gather_rows(h.detach(), group)
-    all_y, _, _ = gather_rows(y, group)
+    all_y, _, _ = gather_rows(y, group, longest=all_h.shape[0] // dist.get_world_size(group))
     logp = torch.empty(all_h.shape[0], dtype=torch.float32, device=h.device)
     d_h = torch.zeros_like(all_h) if grad else None
     rows = chunk_rows(-(-weight.shape[0] // weight.device_mesh.size()))  # alike on every process

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llama_lora.kernels.head import decoder_and_head, gather_rows, vocab_rows
+from llama_lora.kernels.head import decoder_and_head, first_row, gather_rows, shard_rows
 
 __all__ = ["split"]
 
@@ -49,8 +49,7 @@ def split(model: nn.Module, mesh) -> set[nn.Parameter]:
         and not head.weight.requires_grad
     )
     if not plain or any(
-        _first_row(w.shape[0], mesh.size(), mesh.size() - 1) >= w.shape[0]
-        for w in (embed.weight, head.weight)
+        first_row(w.shape[0], mesh.size(), mesh.size() - 1) >= w.shape[0] for w in (embed.weight, head.weight)
     ):
         return set()
     made: dict[int, nn.Parameter] = {}
@@ -64,16 +63,12 @@ def split(model: nn.Module, mesh) -> set[nn.Parameter]:
     return set(made.values())
 
 
-def _first_row(rows: int, world: int, rank: int) -> int:
-    return min(rank * -(-rows // world), rows)
-
-
 def _shard(weight: torch.Tensor, mesh) -> torch.Tensor:
     """This process's rows of `weight` as a DTensor sharded on dim 0 (the rest dropped)."""
     from torch.distributed.tensor import DTensor, Shard
 
     rows = weight.shape[0]
-    start = _first_row(rows, mesh.size(), mesh.get_local_rank())
+    start = first_row(rows, mesh.size(), mesh.get_local_rank())
     local = weight.detach()[start : start + -(-rows // mesh.size())].clone()
     return DTensor.from_local(
         local, mesh, [Shard(0)], run_check=False, shape=weight.shape, stride=weight.stride()
@@ -83,7 +78,7 @@ def _shard(weight: torch.Tensor, mesh) -> torch.Tensor:
 def _embedding_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    local, start = vocab_rows(self.weight)
+    local, start = shard_rows(self.weight)
     group = self.weight.device_mesh.get_group()
     ids, mine, n = gather_rows(input_ids.reshape(-1), group)
     held = (ids >= start) & (ids < start + local.shape[0])

@@ -43,6 +43,7 @@ from torch import nn
 
 from llama_lora import hub
 from llama_lora.errors import ConfigError, ModelError
+from llama_lora.kernels.head import first_row, shard_rows
 from llama_lora.model import loader
 
 # A read brings at most this many bytes of one tensor's rows in at a time (besides the shard it fills)
@@ -247,13 +248,12 @@ def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
         raise RuntimeError(f"expected an FSDP2 parameter sharded on dim 0, got {type(param).__name__}")
-    local, rows = param.to_local(), param.shape[0]
-    chunk = -(-rows // param.device_mesh.size())
-    start = min(param.device_mesh.get_local_rank() * chunk, rows)
-    if local.shape[0] != min(chunk, rows - start):
-        raise RuntimeError(
-            f"a shard of {local.shape[0]} rows where torch.chunk gives {min(chunk, rows - start)}"
-        )
+    local, start = shard_rows(param)
+    expected = (
+        first_row(param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank() + 1) - start
+    )
+    if local.shape[0] != expected:
+        raise RuntimeError(f"a shard of {local.shape[0]} rows where torch.chunk gives {expected}")
     return local, start
 
 
