@@ -432,3 +432,116 @@ def test_serve_refuses_adapters_of_different_bases(runs, tmp_path):
     for args in ([], ["--adapter", "no-equals-sign"], [str(runs["fruit"]), "--port", "0"]):
         code, _, err = cli_in_process("serve", *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_adapters_loaded_and_unloaded_at_run_time(runs, expected, tiny_model_dir, tmp_path):
+    """vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started with the base alone:
+    a loaded adapter answers as `infer` does (by name and as base:adapter, streamed too) while the base keeps
+    its own answers; the API key applies; a name served already, a missing path and an adapter of another
+    base (fingerprint) are refused in one JSON error; an unload waits for the adapter's running request and
+    the name answers 404 at once."""
+    other = tmp_path / "other"
+    shutil.copytree(runs["greet"], other)
+    meta_file = other / "adapter" / "llama_lora.json"
+    meta = json.loads(meta_file.read_text())
+    meta["base_fingerprint"]["embedding_sample"] = [1.0] * len(meta["base_fingerprint"]["embedding_sample"])
+    meta_file.write_text(json.dumps(meta))
+    log = tmp_path / "log"
+    proc, url = start_server([str(tiny_model_dir), "--allow-adapter-updates", "--api-key", "k3"], log)
+    auth = {"Authorization": "Bearer k3"}
+    texts = expected[0]
+
+    def post(path: str, body: dict, headers=auth) -> requests.Response:
+        return requests.post(f"{url}/{path}", json=body, headers=headers, timeout=120)
+
+    try:
+        client = openai.OpenAI(base_url=url, api_key="k3", max_retries=0, timeout=120)
+        base = client.models.list().data[0].id
+        assert (
+            post("load_lora_adapter", {"lora_name": "fruit", "lora_path": str(runs["fruit"])}, {}).status_code
+            == 401
+        )
+        loaded = post("load_lora_adapter", {"lora_name": "fruit", "lora_path": str(runs["fruit"])})
+        assert loaded.status_code == 200 and "fruit" in loaded.text
+        assert post("load_lora_adapter", {"lora_name": "greet", "lora_path": str(runs["greet"])}).ok
+        rows = {m["id"]: m for m in requests.get(f"{url}/models", headers=auth, timeout=10).json()["data"]}
+        assert rows["fruit"]["parent"] == base and rows["fruit"]["root"] == str(runs["fruit"] / "adapter")
+        for name, model in (("fruit", "fruit"), ("greet", f"{base}:greet"), ("base", base)):
+            reply = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                temperature=0,
+                max_tokens=N_NEW,
+            )
+            assert reply.choices[0].message.content == texts[(name, PROMPTS[0])], name
+        pieces = client.chat.completions.create(
+            model=f"{base}:fruit",
+            messages=[{"role": "user", "content": PROMPTS[1]}],
+            temperature=0,
+            max_tokens=N_NEW,
+            stream=True,
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+            == texts[("fruit", PROMPTS[1])]
+        )
+
+        for body, status, words in (
+            ({"lora_name": "fruit", "lora_path": str(runs["greet"])}, 400, "already served"),
+            ({"lora_name": "x", "lora_path": str(tmp_path / "nowhere")}, 400, "neither a run directory"),
+            ({"lora_name": "x", "lora_path": str(other)}, 400, "trained on"),
+            ({"lora_name": "x"}, 400, "lora_path"),
+        ):
+            refused = post("load_lora_adapter", body)
+            error = refused.json()["error"]
+            assert refused.status_code == status and words in error["message"], (body, refused.text)
+        assert "x" not in [m.id for m in client.models.list().data]
+
+        stream = requests.post(
+            f"{url}/chat/completions",
+            json={
+                "model": "greet",
+                "messages": [{"role": "user", "content": "Go on."}],
+                "max_tokens": 1500,
+                "temperature": 0,
+                "stream": True,
+            },
+            headers=auth,
+            stream=True,
+            timeout=60,
+        )
+        lines = stream.iter_lines()
+        next(line for line in lines if line)  # greet is decoding
+        unloaded: dict = {}
+        waiter = threading.Thread(
+            target=lambda: unloaded.update(r=post("unload_lora_adapter", {"lora_name": "greet"}))
+        )
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive()  # the running request holds the adapter
+        gone = post("chat/completions", {"model": "greet", "messages": [{"role": "user", "content": "Hi"}]})
+        assert gone.status_code == 404  # but the name answers no new request
+        stream.close()
+        waiter.join(60)
+        assert unloaded["r"].status_code == 200, unloaded["r"].text
+        assert post("unload_lora_adapter", {"lora_name": "greet"}).status_code == 404
+        assert post("unload_lora_adapter", {"lora_name": base}).status_code == 400
+        assert [m.id for m in client.models.list().data] == [base, "fruit"]
+        reply = chat(client, "fruit", PROMPTS[1])
+        assert reply.choices[0].message.content == texts[("fruit", PROMPTS[1])]
+    finally:
+        stop_server(proc)
+    text = log.read_text()
+    assert "loaded adapter fruit" in text and "unloaded adapter greet" in text and "k3" not in text
+
+
+def test_adapter_updates_are_refused_unless_allowed(server):
+    url, _ = server
+    for path in ("load_lora_adapter", "unload_lora_adapter"):
+        refused = requests.post(
+            f"{url}/{path}",
+            json={"lora_name": "fruit", "lora_path": "/tmp"},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=10,
+        )
+        assert refused.status_code == 403 and "--allow-adapter-updates" in refused.json()["error"]["message"]

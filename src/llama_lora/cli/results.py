@@ -183,6 +183,10 @@ def serve(
     max_waiting: Annotated[
         int, typer.Option(min=0, max=100_000, help="Requests waiting for a place; more get 503.")
     ] = 64,
+    allow_adapter_updates: Annotated[
+        bool,
+        typer.Option(help="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key applies)."),
+    ] = False,
 ) -> None:
     """OpenAI-compatible server for a base model and its adapters (docs/elsewhere.md)."""
     from llama_lora.infer.serve import serve as run_server
@@ -195,6 +199,7 @@ def serve(
         api_key=api_key,
         max_sequences=max_sequences,
         max_waiting=max_waiting,
+        allow_adapter_updates=allow_adapter_updates,
     )
 
 

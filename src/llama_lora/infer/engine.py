@@ -23,6 +23,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,7 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.ids = itertools.count()
+        self.tasks: list[tuple[Callable[[], object], str | None, Future]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -198,6 +200,17 @@ class Engine:
         finally:
             seq.cancel()
 
+    def call(self, fn: Callable[[], object], after: str | None = None) -> Future:
+        """Run `fn()` in the engine's thread between two steps (where the model may change: an adapter
+        loaded or removed); with `after`, only once no sequence of that group is live or waiting."""
+        future: Future = Future()
+        with self.lock:
+            self.tasks.append((fn, after, future))
+        self.wake.set()
+        if self._thread is None:
+            self._run_tasks()
+        return future
+
     # ---- the loop
     def start(self) -> None:
         """Run the engine in a background thread (serve); `stop` ends it."""
@@ -236,6 +249,7 @@ class Engine:
     def step(self) -> bool:
         """Admit waiting sequences, run one decode step over the live ones; False when there was no work."""
         self._drop_cancelled()
+        self._run_tasks()
         admitted = self._admit()
         if not self.live:
             return admitted
@@ -263,6 +277,22 @@ class Engine:
                 continue
             admitted = True
         return admitted
+
+    def _run_tasks(self) -> None:
+        with self.lock:
+            busy = {s.group for s in self.live} | {s.group for s in self.waiting}
+            ready = [t for t in self.tasks if t[1] is None or t[1] not in busy]
+            self.tasks = [t for t in self.tasks if t not in ready]
+        for fn, _, future in ready:
+            running = self._group
+            self._group_context.close()  # the task sees the model as loaded, no adapter selected
+            self._group = _NO_GROUP
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller's to report; the engine goes on
+                future.set_exception(exc)
+            if self.live:
+                self._switch(running)
 
     def _switch(self, group) -> None:
         if group == self._group or self.select is None:

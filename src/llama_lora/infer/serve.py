@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,10 +35,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llama_lora import run_dir
-from llama_lora.data import templates
-from llama_lora.errors import LlamaLoraError
-from llama_lora.infer import loading
+from llama_lora.infer.serve_adapters import (
+    AdapterUpdates,
+    Served,
+    ServeError,
+    load_served,
+    parse_adapter_specs,
+)
 from llama_lora.infer.serve_api import (
     ApiError,
     CompletionRequest,
@@ -55,133 +55,42 @@ from llama_lora.infer.serve_api import (
     usage,
 )
 from llama_lora.infer.serve_worker import Job, Worker
-from llama_lora.meta import fingerprint_matches
-from llama_lora.model import adapters, loader
+
+__all__ = ["ServeError", "Served", "create_app", "serve"]
 
 API_KEY_ENV = "LLAMA_LORA_API_KEY"
-
-
-class ServeError(LlamaLoraError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class Served:
-    """One name clients can ask for: the shared model with one adapter active (`adapter`) or none."""
-
-    name: str
-    adapter: str | None  # PEFT adapter name; None is the base alone
-    loaded: loading.Loaded  # shares model and tokenizer; its own template and system prompt
-
-
-def run_name(path: str) -> str:
-    """The name a run directory or adapter directory is served under when none is given: its run's."""
-    p = Path(path).resolve()
-    return p.parent.name if p.name == "adapter" else p.name
-
-
-def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
-    """`--adapter NAME=RUN_DIR` (or a bare RUN_DIR, named after its run directory) -> [(name, path)]."""
-    out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = run_name(spec), spec
-        if not name or not path:
-            raise ServeError(f"--adapter: {spec!r} should be NAME=RUN_DIR")
-        out.append((name, path))
-    return out
-
-
-def plan_served(
-    model: str | None, adapter_specs: list[tuple[str, str]]
-) -> tuple[str | None, list[tuple[str, str]]]:
-    """(base model or None, [(name, path)] of the adapters): a positional run or adapter directory
-    (`model`) is the first adapter, named after its run, on the base it was trained on."""
-    specs = list(adapter_specs)
-    base = model
-    if model is not None and run_dir.adapter_dir_of(model) is not None:
-        specs.insert(0, (run_name(model), model))
-        base = None
-    if base is None and not specs:
-        raise ServeError("serve: give a MODEL, a RUN_DIR or --adapter NAME=RUN_DIR")
-    names = [n for n, _ in specs]
-    doubled = sorted({n for n in names if names.count(n) > 1})
-    if doubled:
-        raise ServeError(f"--adapter: the name {doubled[0]} is given twice")
-    return base, specs
-
-
-def load_served(
-    model: str | None, adapter_specs: list[tuple[str, str]], device: str = "auto", log=print
-) -> dict[str, Served]:
-    """The names to serve: the base under its model name, each adapter under its own. A positional run
-    directory (`model`) is one more adapter, named after the directory, on the base it was trained on."""
-    base, specs = plan_served(model, adapter_specs)
-    first = specs[0][1] if specs else None
-    loaded = loading.load(base=base, adapter=first, device=device, merge_in_memory=False, log=log)
-    base_name = base or (loaded.source.base_name if loaded.source else "")
-    if base_name in [n for n, _ in specs]:
-        raise ServeError(f"--adapter: {base_name} is the base model's name; name the adapter otherwise")
-    if not specs:
-        return {base_name: Served(base_name, None, loaded)}
-    base_view = dataclasses.replace(
-        loaded, template=templates.choose_template(loaded.tokenizer, "auto"), system_prompt=None, source=None
-    )
-    served = {
-        base_name: Served(base_name, None, base_view),
-        specs[0][0]: Served(specs[0][0], "default", loaded),
-    }
-    for i, (name, path) in enumerate(specs[1:], 1):
-        served[name] = add_served_adapter(loaded, base_name, name, path, f"adapter{i}")
-    loaded.model.eval()
-    return served
-
-
-def add_served_adapter(
-    loaded: loading.Loaded, base_name: str, name: str, path: str, peft_name: str
-) -> Served:
-    """Load one more adapter onto the shared model as PEFT adapter `peft_name`, refusing one trained on
-    another base; its view keeps the template and system prompt it was trained with."""
-    src = loading.find_adapter(path)
-    loader.refuse_pickled(src.adapter_dir, src.cfg.model.allow_pickle if src.cfg else False, key="--adapter")
-    same = (
-        fingerprint_matches(src.fingerprint, loaded.model)
-        if src.fingerprint is not None
-        else src.base_name == base_name
-    )
-    if not same:
-        raise ServeError(
-            f"--adapter {name}: {path} was trained on {src.base_name}, not on the base the others use "
-            f"({base_name}); serve it from a server of its own"
-        )
-    try:
-        adapters.add_adapter(loaded.model, src.adapter_dir, peft_name)
-    except RuntimeError as exc:  # size mismatch: an adapter made for another architecture
-        raise ServeError(
-            f"--adapter {name}: {path} does not fit {base_name}: {str(exc).splitlines()[0]}"
-        ) from None
-    trained = src.template or (src.cfg.data.template if src.cfg else None) or "auto"
-    view = dataclasses.replace(
-        loaded,
-        template=templates.choose_template(loaded.tokenizer, trained),
-        system_prompt=src.cfg.data.system_prompt if src.cfg else None,
-        source=src,
-        description=f"{base_name} + adapter {src.adapter_dir}",
-    )
-    return Served(name, peft_name, view)
 
 
 # --------------------------------------------------------------------------------------------- the app
 
 
-def create_app(served: dict[str, Served], worker: Worker, api_key: str | None, log=print):
+def create_app(
+    served: dict[str, Served],
+    worker: Worker,
+    api_key: str | None,
+    log=print,
+    allow_adapter_updates: bool = False,
+):
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     created = int(time.time())
     add_error_handlers(app, log)
+    updates = AdapterUpdates(served, worker, allow_adapter_updates, log)
+
+    async def update(request: Request, change) -> Response:
+        try:
+            check_key(request.headers, api_key)
+            return PlainTextResponse(await change(await read_json(request)))
+        except ApiError as exc:
+            log(f"serve: {request.url.path} status={exc.status}")
+            return exc.response()
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await update(request, updates.load)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await update(request, updates.unload)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -363,9 +272,11 @@ def serve(
     log=_log,
     max_sequences: int = 16,
     max_waiting: int = 64,
+    allow_adapter_updates: bool = False,
 ) -> None:
     """Load the models, then answer requests until interrupted. The API key comes from `api_key` or the
-    LLAMA_LORA_API_KEY environment variable; it is never logged."""
+    LLAMA_LORA_API_KEY environment variable; it is never logged. `allow_adapter_updates`: adapters may be
+    loaded and unloaded at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)."""
     import uvicorn
 
     key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -377,7 +288,9 @@ def serve(
         except OSError as exc:
             raise ServeError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
     served = load_served(model, parse_adapter_specs(adapter_specs), device=device, log=log)
-    app = create_app(served, Worker(log, slots=max_sequences, max_waiting=max_waiting), key, log)
+    worker = Worker(log, slots=max_sequences, max_waiting=max_waiting)
+    app = create_app(served, worker, key, log, allow_adapter_updates)
     auth = "API key required" if key else "no API key"
-    log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
+    updates = "; adapters may be loaded and unloaded" if allow_adapter_updates else ""
+    log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}{updates}); Ctrl-C stops")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

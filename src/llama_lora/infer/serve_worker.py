@@ -20,7 +20,7 @@ from llama_lora.infer.serve_api import Metrics, StopText
 from llama_lora.model import adapters
 
 if TYPE_CHECKING:
-    from llama_lora.infer.serve import Served
+    from llama_lora.infer.serve_adapters import Served
 
 SLOTS = 16  # sequences decoding at once
 MAX_WAITING = 64  # sequences waiting for a slot; a request beyond them gets 503 (back-pressure)
@@ -55,16 +55,18 @@ class Worker:
         self.engine: Engine | None = None
         self.lock = threading.Lock()
 
-    def _engine(self, served: Served) -> Engine:
-        with self.lock:  # every served name shares one model: one engine, made on the first request
+    def engine_for(self, served: Served) -> Engine:
+        """The one engine (every served name shares one model), made and started on first use."""
+        with self.lock:
             if self.engine is None:
                 loaded = served.loaded
-                self.engine = Engine(
+                self.engine = engine = Engine(
                     loaded.model,
                     loaded.stop_ids,
                     slots=self.slots,
                     context=generate.context_length(loaded.model),
-                    select=lambda adapter: adapters.use_adapter(loaded.model, adapter),
+                    # engine.model, not loaded.model: an adapter loaded at run time may replace the model
+                    select=lambda adapter: adapters.use_adapter(engine.model, adapter),
                     log=self.log,
                 )
                 self.engine.start()
@@ -81,7 +83,7 @@ class Worker:
         except (LlamaLoraError, ValueError) as exc:
             job.emit("error", (400, str(exc)))
             return
-        engine = self._engine(job.served)
+        engine = self.engine_for(job.served)
         if len(engine.waiting) >= self.max_waiting:
             job.emit(
                 "error", (503, f"the server is busy ({len(engine.waiting)} requests waiting); retry shortly")
