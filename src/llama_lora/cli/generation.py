@@ -18,6 +18,7 @@ from llama_lora.cli.options import (
     AdapterOpt,
     BaseOpt,
     DeviceOpt,
+    GenPrecisionOpt,
     MaxNewTokens,
     RepetitionPenalty,
     Sample,
@@ -55,6 +56,7 @@ def infer(
     ] = None,
     device: DeviceOpt = "auto",
     tools: ToolsOpt = None,
+    precision: GenPrecisionOpt = "auto",
 ) -> None:
     """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
     from llama_lora.data import formats
@@ -70,7 +72,9 @@ def infer(
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise ConfigError("infer: no prompt given (argument, stdin or --prompts-file)")
-    loaded = loading.load(base=base, adapter=adapter, device=device, template=template, log=core.err.print)
+    loaded = loading.load(
+        base=base, adapter=adapter, device=device, template=template, log=core.err.print, precision=precision
+    )
     loaded.tools = tool_schemas
     if prompts_file:
         _infer_rows(loaded, rows, settings, prompts_file, output)
@@ -113,6 +117,7 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
     device: DeviceOpt = "auto",
     tools: ToolsOpt = None,
+    precision: GenPrecisionOpt = "auto",
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
     from llama_lora.data import formats
@@ -122,7 +127,7 @@ def chat(
         max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed
     )
     tool_schemas = formats.load_tools(tools) if tools else None
-    loaded = loading.load(base=base, adapter=adapter, device=device, log=core.err.print)
+    loaded = loading.load(base=base, adapter=adapter, device=device, log=core.err.print, precision=precision)
     loaded.tools = tool_schemas
     if system:
         loaded.system_prompt = system

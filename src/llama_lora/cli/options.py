@@ -52,6 +52,13 @@ BaseOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
+GenPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Generation's decode steps: auto (bf16 where the hardware computes it natively), bf16 or fp32.",
+    ),
+]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="Benchmark rows per task (per subject for mmlu).")]
 ToolsOpt = Annotated[
     str | None,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llama_lora.cli import core
-from llama_lora.cli.options import BaseOpt, DeviceOpt, LimitOpt
+from llama_lora.cli.options import BaseOpt, DeviceOpt, GenPrecisionOpt, LimitOpt
 from llama_lora.errors import ConfigError
 
 
@@ -56,6 +56,7 @@ def compare(
     bench_data: Annotated[
         str | None, typer.Option(help="Benchmark files for --benchmarks (as eval's --data-dir).")
     ] = None,
+    precision: GenPrecisionOpt = "auto",
 ) -> None:
     """Base model vs adapter on held-out prompts: loss, perplexity, ROUGE-L, probe; writes report.html."""
     from llama_lora.evaluate.compare import compare as run_compare
@@ -71,6 +72,7 @@ def compare(
         benchmarks=benchmarks,
         bench_limit=limit,
         bench_data=bench_data,
+        precision=precision,
         verbose=core._verbose,
         log=core.err.print,
     )

@@ -181,6 +181,7 @@ def compare(
     benchmarks: str | None = None,
     bench_limit: int | None = None,
     bench_data: str | None = None,
+    precision: str = "fp32",
     verbose: bool = False,
     log=print,
 ) -> dict[str, Any]:
@@ -189,7 +190,7 @@ def compare(
     if benchmarks:  # unknown tasks and absent files fail before anything is loaded
         bench_names = lmeval_tasks.parse_tasks(benchmarks)
         lmeval_tasks.check_data(bench_names, bench_data)
-    loaded = loading.load(base=base, adapter=adapter, device=device, log=log)
+    loaded = loading.load(base=base, adapter=adapter, device=device, log=log, precision=precision)
     src = loaded.source
     assert src is not None
     rows, label, probe = held_out_rows(src, data_file)
@@ -212,6 +213,7 @@ def compare(
         "data": label,
         "n": len(rows),
         "max_new_tokens": max_new_tokens,
+        "generation_precision": loaded.precision,
         "probe": probe,
         "base": {k: v for k, v in base_side.items() if k != "generations"},
         "adapter_metrics": {k: v for k, v in adapter_side.items() if k != "generations"},

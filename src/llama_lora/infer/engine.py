@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama_lora.infer.decode import Bf16Decoder, unsupported
 from llama_lora.infer.sampling import Sampling, choose, penalize
 
 __all__ = ["Engine", "Sequence", "SlotCache"]
@@ -134,11 +135,16 @@ class Engine:
         decode=None,
         select=None,
         log=print,
+        precision: str = "fp32",
     ):
         """`decode(ids) -> text` serves stop strings; `select(group)` is a context manager under which the
         model runs as `group` asks (an adapter active, or none), entered when the running group changes:
-        sequences of one group decode together, the next group's join when the batch has drained."""
+        sequences of one group decode together, the next group's join when the batch has drained.
+        `precision` "bf16": decode steps run on bf16 copies of the weights (decode.py) where the model allows
+        (a Llama-family model, no unmerged adapter, no group switching); prefill stays in the model's dtype."""
         self.model = model
+        self.precision = precision
+        self._fast: Bf16Decoder | None | bool = None  # made at the first decode step; False: not possible
         self.select = select
         self.log = log
         self._group: object = _NO_GROUP
@@ -174,10 +180,12 @@ class Engine:
         self.wake.set()
         return seq
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling]) -> list[Sequence]:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling | list[Sampling], on_token=None
+    ) -> list[Sequence]:
         """Every prompt through the engine (in this thread when no background loop runs); in prompt order."""
         settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        seqs = [self.submit(p, s) for p, s in zip(prompts, settings)]
+        seqs = [self.submit(p, s, on_token=on_token) for p, s in zip(prompts, settings)]
         if self._thread is None:
             while not all(s.done.is_set() for s in seqs):
                 self.step()
@@ -315,15 +323,31 @@ class Engine:
         self.live.append(seq)
         self._take(seq, out.logits[0, -1])
 
+    def _bf16_decoder(self) -> Bf16Decoder | None:
+        if self._fast is None:
+            why = "no bf16 asked" if self.precision != "bf16" else None
+            why = why or (
+                "adapters switch per request" if self.select is not None else unsupported(self.model)
+            )
+            self._fast = Bf16Decoder(self.model) if why is None else False
+        return self._fast or None
+
     def _decode(self) -> None:
         live = self.live
         positions = torch.tensor([s.length - 1 for s in live], device=self.device)  # the last token's
         width = int(positions.max()) + 1
         self.cache.ensure(width)
+        tokens = torch.tensor([s.tokens[-1] for s in live], device=self.device)
+        fast = self._bf16_decoder()
+        if fast is not None:
+            logits = fast.step(tokens, positions, self.cache.keys, self.cache.values)
+            for seq, row in zip(list(live), logits):
+                self._take(seq, row)
+            return
         self.cache.begin(positions, width)
         mask = torch.arange(width, device=self.device)[None, :] <= positions[:, None]
         out = self.model(
-            input_ids=torch.tensor([[s.tokens[-1]] for s in live], device=self.device),
+            input_ids=tokens[:, None],
             position_ids=positions[:, None],
             attention_mask=mask[:, None, None, :],
             cache=self.cache,

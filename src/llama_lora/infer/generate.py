@@ -5,6 +5,7 @@ merge and export check their output with.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,9 +140,19 @@ def generate(
 def generate_ids(
     loaded: Loaded, ids: list[int], settings: GenerationSettings, stream=None, should_stop=None
 ) -> Generation:
-    """`generate` on a prompt that is already token ids (`serve`'s plain completions use it too)."""
+    """`generate` on a prompt that is already token ids.
+
+    In bf16 (`loaded.precision`, where decode.py runs the model) it runs on the engine; in float32 on
+    transformers' `generate`, which is faster than the engine for one float32 sequence (bench/RESULTS.md)
+    and gives the same greedy tokens (tests/infer/test_engine.py)."""
+    from llama_lora.infer import decode
+
     limit = check_context(loaded, ids)
     max_new = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
+    if loaded.precision == "bf16" and decode.unsupported(loaded.model) is None:
+        return _on_engine(
+            loaded, ids, dataclasses.replace(settings, max_new_tokens=max_new), stream, should_stop
+        )
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     input_ids = torch.tensor([ids], device=loaded.device)
@@ -157,6 +168,26 @@ def generate_ids(
         **settings.kwargs(),
     )
     return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
+
+
+def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, should_stop) -> Generation:
+    from llama_lora.infer.engine import Engine
+
+    pieces = TextPieces(loaded.tokenizer)
+
+    def on_token(token: int) -> str | None:
+        if stream is not None:
+            stream(pieces.add(token))
+        return "cancelled" if should_stop is not None and should_stop() else None
+
+    engine = Engine(
+        loaded.model, loaded.stop_ids, slots=1, context=context_length(loaded.model), precision="bf16"
+    )
+    (seq,) = engine.generate([ids], settings, on_token=on_token)
+    if stream is not None:
+        stream(pieces.rest())
+    text = loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+    return Generation(text, seq.tokens, len(ids), seq.finish == "stop")
 
 
 def generate_many(
@@ -178,7 +209,9 @@ def generate_many(
                 f"a prompt is {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
                 f"it exceeds the model's context of {limit}"
             )
-    engine = Engine(loaded.model, loaded.stop_ids, slots=batch_size, context=limit)
+    engine = Engine(
+        loaded.model, loaded.stop_ids, slots=batch_size, context=limit, precision=loaded.precision
+    )
     done = engine.generate(prompts, settings)
     return [
         Generation(

@@ -1,0 +1,164 @@
+"""The engine's decode step in bf16 for Llama-family weights: one new token for each of B sequences, written
+as the few tensor operations a decoder layer needs instead of transformers' module tree.
+
+Why our own: at one token per step the model's matrices are read once per token, so a step costs the weights'
+bytes over the memory bandwidth plus a fixed cost per operation. transformers' float32 forward reads twice the
+bytes, and its bf16 forward pays oneDNN's matrix-vector path and many small modules (measured on a 2-core
+AVX512-BF16 CPU, SmolLM2-135M: bench/RESULTS.md). Here:
+- the weights are bf16 copies, q/k/v and gate/up concatenated (one matrix product each);
+- with one or two sequences oneDNN is switched off for the step, so torch's own bf16 matrix-vector kernel
+  runs (1.8x oneDNN's rate at one row, 1.3x at two); from three rows oneDNN's matrix-matrix kernel is faster;
+- the residual stream, norms, rotary embedding, keys, values and attention stay float32 (the engine's cache
+  is the model's dtype), so only the matrix products round to bf16.
+
+The maths is transformers' Llama: RMSNorm (x * rsqrt(mean(x^2) + eps) * w), rotary embedding from the model's
+own `rotary_emb` (so its scaling, e.g. Llama 3's, is the model's), grouped-query attention over each row's
+cached positions, SiLU-gated MLP, the tied or untied head. `unsupported(model)` says why a model is not such
+a model (the engine then uses transformers' forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Bf16Decoder", "unsupported"]
+
+FAMILIES = ("llama", "qwen2", "mistral")  # decoder layers of exactly this shape (no q/k norms)
+
+
+def _weight(linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A projection's effective weight and bias: a plain Linear's, or a PEFT layer's base where its adapter
+    is merged into it or switched off; None where an unmerged adapter is active (its terms would be missed)."""
+    if hasattr(linear, "base_layer"):
+        if not (getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False)):
+            return None
+        linear = linear.base_layer
+    if not isinstance(linear, torch.nn.Linear):
+        return None
+    return linear.weight, linear.bias
+
+
+def _core(model):
+    """The transformers CausalLM inside a PeftModel (or the model itself)."""
+    inner = getattr(model, "base_model", None)
+    return inner.model if inner is not None and hasattr(inner, "peft_config") else model
+
+
+def unsupported(model) -> str | None:
+    """Why `Bf16Decoder` cannot run `model` (None: it can)."""
+    core = _core(model)
+    config = core.config
+    if config.model_type not in FAMILIES:
+        return f"model type {config.model_type}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    for layer in core.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ):
+            if _weight(proj) is None:
+                return "an unmerged adapter is active"
+    return None
+
+
+class Bf16Decoder:
+    """bf16 copies of a model's weights and the decode step over them (see module doc). The copies are taken
+    when it is made: a decoder serves the weights of that moment (make a new one after merging)."""
+
+    def __init__(self, model):
+        core = _core(model)
+        config = core.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.intermediate = config.intermediate_size
+        self.scale = self.head_dim**-0.5
+        self.rotary = core.model.rotary_emb
+
+        def bf16(*tensors):
+            present = [t for t in tensors if t is not None]
+            if not present:
+                return None
+            return torch.cat([t.detach() for t in present]).to(torch.bfloat16).contiguous()
+
+        def fused(*linears):
+            pairs = [_weight(lin) for lin in linears]
+            biases = [b for _, b in pairs]
+            return bf16(*(w for w, _ in pairs)), (
+                bf16(*biases) if all(b is not None for b in biases) else None
+            )
+
+        self.layers = []
+        for layer in core.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight.detach().float(),
+                    layer.input_layernorm.variance_epsilon,
+                    fused(attn.q_proj, attn.k_proj, attn.v_proj),
+                    fused(attn.o_proj),
+                    layer.post_attention_layernorm.weight.detach().float(),
+                    layer.post_attention_layernorm.variance_epsilon,
+                    fused(mlp.gate_proj, mlp.up_proj),
+                    fused(mlp.down_proj),
+                )
+            )
+        self.embed = core.model.embed_tokens.weight.detach()  # rows are gathered, not multiplied: as stored
+        self.norm = (core.model.norm.weight.detach().float(), core.model.norm.variance_epsilon)
+        self.head = bf16(core.lm_head.weight)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.bfloat16)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight_bias) -> torch.Tensor:
+        return F.linear(x, *weight_bias).float()
+
+    @torch.no_grad()
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 logits (B, vocab) for `tokens` (B,) at `positions` (B,); each row's key and value are
+        written into `keys`/`values` (layers, slots, kv heads, capacity, head dim) at row b, `positions[b]`,
+        and row b attends to its positions 0..positions[b]."""
+        rows, width = tokens.shape[0], int(positions.max()) + 1
+        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
+        index = torch.arange(rows, device=tokens.device)
+        x = self.embed[tokens].float()
+        cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, dim): the model's own rotary embedding
+        half = dim // 2
+        hidden = torch.arange(width, device=tokens.device)[None, :] > positions[:, None]
+        bias = torch.zeros(rows, 1, 1, width, device=tokens.device).masked_fill_(
+            hidden[:, None, None], float("-inf")
+        )
+        onednn = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(rows > 2)  # 1 or 2 rows: torch's own kernel (module doc)
+        try:
+            for layer, (n1, e1, qkv_w, o_w, n2, e2, gu_w, down_w) in enumerate(self.layers):
+                qkv = self._linear(self._norm(x, n1, e1), qkv_w).view(rows, heads + 2 * kv, dim)
+                qk = qkv[:, : heads + kv]
+                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+                k_cache, v_cache = keys[layer], values[layer]
+                k_cache[index, :, positions] = qk[:, heads:]
+                v_cache[index, :, positions] = qkv[:, heads + kv :]
+                q = qk[:, :heads].reshape(rows, kv, heads // kv, dim)
+                scores = q @ k_cache[:rows, :, :width].transpose(-1, -2) * self.scale + bias
+                attended = torch.softmax(scores, -1) @ v_cache[:rows, :, :width]
+                x = x + self._linear(attended.reshape(rows, heads * dim).to(torch.bfloat16), o_w)
+                gate_up = F.linear(self._norm(x, n2, e2), *gu_w)
+                mixed = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+                x = x + self._linear(mixed, down_w)
+            return F.linear(self._norm(x, *self.norm), self.head).float()
+        finally:
+            torch._C._set_mkldnn_enabled(onednn)
