@@ -98,3 +98,22 @@ def test_engine_in_bf16_streams_its_tokens():
     seen: list[int] = []
     (seq,) = engine.generate([[1, 2, 3]], Sampling(max_new_tokens=6), on_token=seen.append)
     assert isinstance(engine._fast, Bf16Decoder) and seq.tokens == seen and len(seen) == 6
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_prefill_matches_float32_forward_and_its_cache(kind):
+    from transformers import DynamicCache
+
+    model = _model(kind)
+    prompt = torch.randint(0, 300, (11,)).tolist()
+    cache = SlotCache(model.config, 2, torch.float32, "cpu", capacity=16)
+    logits = Bf16Decoder(model).prefill(prompt, cache.keys, cache.values, slot=1)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), cache=DynamicCache(config=model.config), use_cache=True)
+    want = out.logits[0, -1]
+    assert (logits - want).abs().max() < 0.03 * want.abs().max() and logits.argmax() == want.argmax()
+    for layer, kv in enumerate(out.cache.layers):
+        stored = cache.keys[layer, 1, :, :11], cache.values[layer, 1, :, :11]
+        for got, ref in zip(stored, (kv.keys[0], kv.values[0])):
+            assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+    assert cache.keys[:, 0].abs().max() == 0  # the other slot untouched

@@ -55,12 +55,16 @@ def held_out_rows(src: loading.AdapterSource, data_file: str | None) -> tuple[li
 def eval_loss(loaded: loading.Loaded, examples: list[encoding.Example], cfg: Config | None = None) -> float:
     """Mean response-token loss over `examples`, batched as training batches its evaluation: the run's
     `train.batch_size` and token budget (the defaults without a run config; an `auto` budget for the device
-    compare runs on). The adapter side then equals the run's `eval_loss`, the base side its `eval_loss_before`."""
+    compare runs on). The adapter side then equals the run's `eval_loss`, the base side its `eval_loss_before`
+    (within the rounding of the precision: bf16 autocast where `loaded.precision` is bf16, as training's
+    evaluation runs under it, float32 otherwise)."""
     cfg = cfg or Config()
     budget = batch_tokens(cfg, loaded.device)
     batches = eval_batches(examples, cfg.train.batch_size, budget, pad_id_for(loaded.tokenizer))
+    device_type = torch.device(loaded.device).type
     # created in eval mode, so that eval_sums leaves the model in eval mode for generation (no dropout)
-    total, count = eval_sums(ResponseLoss(loaded.model).eval(), batches, loaded.device)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=loaded.precision == "bf16"):
+        total, count = eval_sums(ResponseLoss(loaded.model).eval(), batches, loaded.device)
     return total / max(count, 1)
 
 

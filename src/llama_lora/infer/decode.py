@@ -1,5 +1,6 @@
 """The engine's decode step in bf16 for Llama-family weights: one new token for each of B sequences, written
-as the few tensor operations a decoder layer needs instead of transformers' module tree.
+as the few tensor operations a decoder layer needs instead of transformers' module tree; and a prompt's
+prefill on the same weights (oneDNN's bf16 matrix products, causal attention).
 
 Why our own: at one token per step the model's matrices are read once per token, so a step costs the weights'
 bytes over the memory bandwidth plus a fixed cost per operation. transformers' float32 forward reads twice the
@@ -126,6 +127,48 @@ class Bf16Decoder:
         return F.linear(x, *weight_bias).float()
 
     @torch.no_grad()
+    def prefill(self, prompt: list[int], keys: torch.Tensor, values: torch.Tensor, slot: int) -> torch.Tensor:
+        """Float32 logits (vocab,) after `prompt`, its keys and values written into `slot` at 0..len-1
+        (causal attention within the prompt; oneDNN's matrix products, as for several decode rows)."""
+        heads, kv, dim, length = self.heads, self.kv_heads, self.head_dim, len(prompt)
+        tokens = torch.tensor(prompt, device=keys.device)
+        x = self.embed[tokens].float()
+        cos, sin = self.rotary(x, torch.arange(length, device=keys.device)[None])  # (1, length, dim)
+        cos, sin = cos[0, :, None], self._signed(sin[0, :, None])
+        onednn = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(length > 2)
+        try:
+            for layer, (n1, e1, qkv_w, o_w, n2, e2, gu_w, down_w) in enumerate(self.layers):
+                qkv = self._linear(self._norm(x, n1, e1), qkv_w).view(length, heads + 2 * kv, dim)
+                qk = torch.addcmul(qkv[:, : heads + kv] * cos, qkv[:, : heads + kv].roll(dim // 2, -1), sin)
+                k, v = (
+                    qk[:, heads:].transpose(0, 1),
+                    qkv[:, heads + kv :].transpose(0, 1),
+                )  # (kv, length, dim)
+                keys[layer, slot, :, :length] = k
+                values[layer, slot, :, :length] = v
+                attended = F.scaled_dot_product_attention(
+                    qk[:, :heads].transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=True
+                )  # (1, heads, length, dim)
+                x.add_(
+                    F.linear(
+                        attended[0].transpose(0, 1).reshape(length, heads * dim).to(torch.bfloat16), *o_w
+                    )
+                )
+                gate_up = F.linear(self._norm(x, n2, e2), *gu_w)
+                mixed = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+                x.add_(F.linear(mixed, *down_w))
+            return F.linear(self._norm(x[-1:], *self.norm), self.head).float()[0]
+        finally:
+            torch._C._set_mkldnn_enabled(onednn)
+
+    @staticmethod
+    def _signed(sin: torch.Tensor) -> torch.Tensor:
+        """rotate_half(t) * sin == roll(t, dim/2) * (sin with its first half negated)."""
+        dim = sin.shape[-1]
+        return sin * torch.cat((-sin.new_ones(dim // 2), sin.new_ones(dim - dim // 2)))
+
+    @torch.no_grad()
     def step(
         self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
@@ -137,28 +180,37 @@ class Bf16Decoder:
         index = torch.arange(rows, device=tokens.device)
         x = self.embed[tokens].float()
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, dim): the model's own rotary embedding
-        half = dim // 2
-        hidden = torch.arange(width, device=tokens.device)[None, :] > positions[:, None]
-        bias = torch.zeros(rows, 1, 1, width, device=tokens.device).masked_fill_(
-            hidden[:, None, None], float("-inf")
-        )
+        sin = self._signed(sin)
+        bias = None  # one row sees all its positions; several: each hides the positions past its own
+        if rows > 1:
+            hidden = torch.arange(width, device=tokens.device)[None, :] > positions[:, None]
+            bias = torch.zeros(rows, kv, 1, width, device=tokens.device).masked_fill_(
+                hidden[:, None, None], -torch.inf
+            )
+            bias = bias.view(rows * kv, 1, width)
         onednn = torch._C._get_mkldnn_enabled()
         torch._C._set_mkldnn_enabled(rows > 2)  # 1 or 2 rows: torch's own kernel (module doc)
         try:
             for layer, (n1, e1, qkv_w, o_w, n2, e2, gu_w, down_w) in enumerate(self.layers):
                 qkv = self._linear(self._norm(x, n1, e1), qkv_w).view(rows, heads + 2 * kv, dim)
                 qk = qkv[:, : heads + kv]
-                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+                qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
                 k_cache, v_cache = keys[layer], values[layer]
                 k_cache[index, :, positions] = qk[:, heads:]
                 v_cache[index, :, positions] = qkv[:, heads + kv :]
-                q = qk[:, :heads].reshape(rows, kv, heads // kv, dim)
-                scores = q @ k_cache[:rows, :, :width].transpose(-1, -2) * self.scale + bias
-                attended = torch.softmax(scores, -1) @ v_cache[:rows, :, :width]
-                x = x + self._linear(attended.reshape(rows, heads * dim).to(torch.bfloat16), o_w)
+                q = qk[:, :heads].reshape(rows * kv, heads // kv, dim)
+                k_seen = k_cache[:rows, :, :width].view(rows * kv, width, dim).transpose(1, 2)
+                if bias is None:
+                    scores = torch.bmm(q, k_seen).mul_(self.scale)
+                else:
+                    scores = torch.baddbmm(bias, q, k_seen, alpha=self.scale)
+                attended = torch.bmm(
+                    torch.softmax(scores, -1), v_cache[:rows, :, :width].view(rows * kv, width, dim)
+                )
+                x.add_(F.linear(attended.view(rows, heads * dim).to(torch.bfloat16), *o_w))
                 gate_up = F.linear(self._norm(x, n2, e2), *gu_w)
                 mixed = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-                x = x + self._linear(mixed, down_w)
+                x.add_(F.linear(mixed, *down_w))
             return F.linear(self._norm(x, *self.norm), self.head).float()
         finally:
             torch._C._set_mkldnn_enabled(onednn)

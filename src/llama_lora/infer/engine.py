@@ -140,8 +140,8 @@ class Engine:
         """`decode(ids) -> text` serves stop strings; `select(group)` is a context manager under which the
         model runs as `group` asks (an adapter active, or none), entered when the running group changes:
         sequences of one group decode together, the next group's join when the batch has drained.
-        `precision` "bf16": decode steps run on bf16 copies of the weights (decode.py) where the model allows
-        (a Llama-family model, no unmerged adapter, no group switching); prefill stays in the model's dtype."""
+        `precision` "bf16": prefill and decode steps run on bf16 copies of the weights (decode.py) where the
+        model allows (a Llama-family model, no unmerged adapter, no group switching)."""
         self.model = model
         self.precision = precision
         self._fast: Bf16Decoder | None | bool = None  # made at the first decode step; False: not possible
@@ -314,14 +314,20 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         from transformers import DynamicCache
 
-        ids = torch.tensor([seq.prompt], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         self.cache.ensure(len(seq.prompt) + 1)
         slot = len(self.live)
-        self.cache.store(slot, [(layer.keys, layer.values) for layer in out.cache.layers])
+        fast = self._bf16_decoder()
+        if fast is not None:
+            logits = fast.prefill(seq.prompt, self.cache.keys, self.cache.values, slot)
+        else:
+            ids = torch.tensor([seq.prompt], device=self.device)
+            out = self.model(
+                input_ids=ids, cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1
+            )
+            self.cache.store(slot, [(layer.keys, layer.values) for layer in out.cache.layers])
+            logits = out.logits[0, -1]
         self.live.append(seq)
-        self._take(seq, out.logits[0, -1])
+        self._take(seq, logits)
 
     def _bf16_decoder(self) -> Bf16Decoder | None:
         if self._fast is None:
