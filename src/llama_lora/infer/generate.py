@@ -194,11 +194,14 @@ def generate_many(
     loaded: Loaded,
     conversations: list[list[formats.Message]],
     settings: GenerationSettings,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> list[Generation]:
     """Replies for many prompts through the engine (engine.py): up to `batch_size` sequences decode together,
-    each joining as another finishes, each with its own generator seeded from `settings.seed`. Each reply is
-    what the prompt gets alone (greedy float32: `generate`'s, tested)."""
+    each joining as another finishes, each with its own generator seeded from `settings.seed`. In float32 each
+    reply is what the prompt gets alone (greedy: `generate`'s, tested). In bf16 a step's products round
+    according to how many rows share it (1-2 rows: torch's kernel, more: oneDNN's), so where two tokens are
+    nearly tied a reply can differ from the one it gets alone. 32 rows: 18% faster than 16 on compare's
+    48 prompts (bench/RESULTS.md)."""
     from llama_lora.infer.engine import Engine
 
     prompts = [render_prompt(loaded, m) for m in conversations]

@@ -2,8 +2,9 @@
 
 Built on FastAPI + uvicorn rather than `transformers serve`: that server renders prompts its own way, knows
 nothing of a run's template and system prompt, and has no named adapters per request. Here every prompt goes
-through `generate.render_prompt` and the same greedy decoding as `infer`, so the server answers what `infer`
-does (`temperature: 0` is `infer --greedy`).
+through `generate.render_prompt` and the same greedy decoding as `infer` in float32, so the server answers
+what `infer --precision fp32` does (`temperature: 0` is `infer --greedy`). The server decodes in float32
+with transformers' forward: its adapters stay unmerged, which the bf16 decoder (decode.py) does not run.
 
 Several adapters share one base as PEFT named adapters, chosen per request by `model`; the base answers
 under its own name with the adapters switched off. The adapters stay unmerged (PEFT's forward adds the
