@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from llama_lora.infer.decode import Bf16Decoder, unsupported
-from llama_lora.infer.engine import Engine, SlotCache
+from llama_lora.infer.engine import Engine
 from llama_lora.infer.sampling import Sampling
+from llama_lora.infer.slot_cache import SlotCache
 from tests.conftest import TINY_SHAPE
 
 

@@ -239,3 +239,30 @@ def test_greedy_probe_equals_generate(runs):
         assert torch.equal(logits[0], loaded.model(input_ids=torch.tensor([ids])).logits[0])
     _, unstopped = generate.greedy_probe(loaded.model, [ids], 12)  # export's: every position, no stopping
     assert len(unstopped[0]) == 12 and unstopped[0][: len(tokens[0])] == tokens[0]
+
+
+def test_prompts_file_rows_generate_in_chunks_as_each_would_alone(runs):
+    """Rows go through the engine a chunk at a time (here 2 rows a chunk, 5 rows): every line, in row order,
+    has the text `generate` gives that row alone (greedy, float32)."""
+    import io
+
+    from llama_lora.infer import frontends
+
+    loaded = loading.load(adapter=str(runs["lora"]), device="cpu", log=lambda *a: None)
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}, then stop."}]} for i in range(5)]
+    settings = generate.GenerationSettings(max_new_tokens=8)
+    sink = io.StringIO()
+    assert frontends.generate_rows(loaded, rows, settings, sink, where="test", chunk=2) == 5
+    lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+    alone = [generate.generate(loaded, r["messages"], settings).text for r in rows]
+    assert [line["generation"] for line in lines] == alone
+    assert [line["prompt"] for line in lines] == [r["messages"][0]["content"] for r in rows]
+
+
+def test_bf16_generation_makes_its_decoder_once(runs):
+    loaded = loading.load(adapter=str(runs["lora"]), device="cpu", log=lambda *a: None, precision="bf16")
+    settings = generate.GenerationSettings(max_new_tokens=6)
+    first = generate.generate(loaded, [{"role": "user", "content": "Hi"}], settings)
+    decoder = loaded.decoder
+    again = generate.generate(loaded, [{"role": "user", "content": "Hi"}], settings)
+    assert decoder is not None and loaded.decoder is decoder and again.token_ids == first.token_ids

@@ -11,7 +11,7 @@ from typing import Any
 
 from llama_lora.data import formats, sources
 from llama_lora.errors import LlamaLoraError
-from llama_lora.infer.generate import GenerationSettings, generate
+from llama_lora.infer.generate import GenerationSettings, generate, generate_many
 from llama_lora.infer.loading import InferenceError, Loaded
 
 
@@ -43,20 +43,30 @@ def row_prompt(row: dict[str, Any]) -> tuple[list[formats.Message], str | None]:
 
 
 def generate_rows(
-    loaded: Loaded, rows: list[dict[str, Any]], settings: GenerationSettings, sink, where: str
+    loaded: Loaded,
+    rows: list[dict[str, Any]],
+    settings: GenerationSettings,
+    sink,
+    where: str,
+    chunk: int = 32,
 ) -> int:
     """`infer --prompts-file`: one JSON line per row on `sink` (prompt, generation, stopped, and the
-    reference answer when the row has one), flushed as it goes. Returns the number written."""
-    for i, row in enumerate(rows):
-        try:
-            messages, reference = row_prompt(row)
-        except (ValueError, LlamaLoraError) as exc:
-            raise InferenceError(f"{where}: row {i}: {exc}") from None
-        result = generate(loaded, messages, settings)
-        record = {"prompt": messages[-1]["content"], "generation": result.text, "stopped": result.stopped}
-        if reference is not None:
-            record["reference"] = reference
-        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    reference answer when the row has one), in row order. Rows generate `chunk` at a time through the engine
+    (`generate_many`: a batch decodes together), each chunk's lines flushed when it ends. Returns the number
+    written."""
+    for first in range(0, len(rows), chunk):
+        parsed = []
+        for i, row in enumerate(rows[first : first + chunk], first):
+            try:
+                parsed.append(row_prompt(row))
+            except (ValueError, LlamaLoraError) as exc:
+                raise InferenceError(f"{where}: row {i}: {exc}") from None
+        results = generate_many(loaded, [messages for messages, _ in parsed], settings, batch_size=chunk)
+        for (messages, reference), result in zip(parsed, results):
+            record = {"prompt": messages[-1]["content"], "generation": result.text, "stopped": result.stopped}
+            if reference is not None:
+                record["reference"] = reference
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
     return len(rows)
 

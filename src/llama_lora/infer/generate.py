@@ -171,6 +171,7 @@ def generate_ids(
 
 
 def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, should_stop) -> Generation:
+    from llama_lora.infer.decode import Bf16Decoder
     from llama_lora.infer.engine import Engine
 
     pieces = TextPieces(loaded.tokenizer)
@@ -180,8 +181,11 @@ def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, shoul
             stream(pieces.add(token))
         return "cancelled" if should_stop is not None and should_stop() else None
 
+    if loaded.decoder is None:  # the weights do not change between infer's or chat's calls: made once
+        loaded.decoder = Bf16Decoder(loaded.model)
+    limit = context_length(loaded.model)
     engine = Engine(
-        loaded.model, loaded.stop_ids, slots=1, context=context_length(loaded.model), precision="bf16"
+        loaded.model, loaded.stop_ids, slots=1, context=limit, precision="bf16", decoder=loaded.decoder
     )
     (seq,) = engine.generate([ids], settings, on_token=on_token)
     if stream is not None:
