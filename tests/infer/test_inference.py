@@ -148,6 +148,9 @@ def test_inference_errors_are_clear(runs, tmp_path, smollm2_dir):
     assert unreadable.returncode == 2 and "line 1" in unreadable.stderr
     other_base = run_in_process("infer", "--adapter", str(runs["lora"]), "--base", str(smollm2_dir), "hi")
     assert other_base.returncode == 2 and "different base model" in other_base.stderr
+    precision = run_in_process("infer", "--adapter", str(runs["lora"]), "--precision", "fp16", "hi")
+    assert precision.returncode == 2 and precision.stderr.strip().count("\n") == 0, precision.stderr
+    assert "--precision: 'fp16' is not one of auto, bf16, fp32" in precision.stderr
     assert "Traceback" not in unreadable.stderr + other_base.stderr
 
 
