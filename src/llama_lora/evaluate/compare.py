@@ -159,6 +159,7 @@ def both_sides(loaded, examples, prompts, references, probe, settings, pair_exam
     adapter_side = one_side()
     log("... and the base model (adapter switched off)")
     loaded.model.unmerge_adapter()  # restore the base weights, then bypass the adapter
+    loaded.decoder = None  # its bf16 copies hold the merged weights
     with loaded.model.disable_adapter():
         base_side = one_side()
     return base_side, adapter_side

@@ -87,8 +87,8 @@ class Engine:
         before for the same weights (its bf16 copies are reused)."""
         self.model = model
         self.precision = precision
-        self._fast: Bf16Decoder | None | bool = (
-            decoder  # made at the first step when None; False: not possible
+        self._fast: Bf16Decoder | bool | None = (
+            decoder  # None: decided at the first step; False: not possible
         )
         self.select = select
         self.log = log
@@ -276,11 +276,8 @@ class Engine:
 
     def _bf16_decoder(self) -> Bf16Decoder | None:
         if self._fast is None:
-            why = "no bf16 asked" if self.precision != "bf16" else None
-            why = why or (
-                "adapters switch per request" if self.select is not None else unsupported(self.model)
-            )
-            self._fast = Bf16Decoder(self.model) if why is None else False
+            possible = self.precision == "bf16" and self.select is None and unsupported(self.model) is None
+            self._fast = Bf16Decoder(self.model) if possible else False  # adapters switched: transformers'
         return self._fast or None
 
     def _decode(self) -> None:
@@ -292,20 +289,18 @@ class Engine:
         fast = self._bf16_decoder()
         if fast is not None:
             logits = fast.step(tokens, positions, self.cache.keys, self.cache.values)
-            for seq, row in zip(list(live), logits):
-                self._take(seq, row)
-            return
-        self.cache.begin(positions, width)
-        mask = torch.arange(width, device=self.device)[None, :] <= positions[:, None]
-        out = self.model(
-            input_ids=tokens[:, None],
-            position_ids=positions[:, None],
-            attention_mask=mask[:, None, None, :],
-            cache=self.cache,
-            use_cache=True,
-        )
-        for seq, logits in zip(list(live), out.logits[:, -1]):
-            self._take(seq, logits)
+        else:
+            self.cache.begin(positions, width)
+            mask = torch.arange(width, device=self.device)[None, :] <= positions[:, None]
+            logits = self.model(
+                input_ids=tokens[:, None],
+                position_ids=positions[:, None],
+                attention_mask=mask[:, None, None, :],
+                cache=self.cache,
+                use_cache=True,
+            ).logits[:, -1]
+        for seq, row in zip(list(live), logits):
+            self._take(seq, row)
 
     def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample `seq`'s next token from its logits, hand it on, and end the sequence where it stops."""

@@ -170,10 +170,31 @@ def generate_ids(
     return _finish(loaded, out[0, len(ids) :].tolist(), len(ids))
 
 
-def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, should_stop) -> Generation:
-    from llama_lora.infer.decode import Bf16Decoder
+def _engine(loaded: Loaded, slots: int, context: int | None):
+    """An engine over `loaded`'s model; in bf16 it decodes with `loaded.decoder`, made here the first time and
+    reused by later calls (infer's rows, chat's turns) while the weights stay as they are."""
+    from llama_lora.infer.decode import Bf16Decoder, unsupported
     from llama_lora.infer.engine import Engine
 
+    if loaded.precision == "bf16" and loaded.decoder is None and unsupported(loaded.model) is None:
+        loaded.decoder = Bf16Decoder(loaded.model)
+    return Engine(
+        loaded.model,
+        loaded.stop_ids,
+        slots=slots,
+        context=context,
+        precision=loaded.precision,
+        decoder=loaded.decoder,
+    )
+
+
+def _generation(loaded: Loaded, seq) -> Generation:
+    """An engine sequence's result as `generate` returns it."""
+    text = loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+    return Generation(text, seq.tokens, len(seq.prompt), seq.finish == "stop")
+
+
+def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, should_stop) -> Generation:
     pieces = TextPieces(loaded.tokenizer)
 
     def on_token(token: int) -> str | None:
@@ -181,17 +202,10 @@ def _on_engine(loaded: Loaded, ids: list[int], settings: Sampling, stream, shoul
             stream(pieces.add(token))
         return "cancelled" if should_stop is not None and should_stop() else None
 
-    if loaded.decoder is None:  # the weights do not change between infer's or chat's calls: made once
-        loaded.decoder = Bf16Decoder(loaded.model)
-    limit = context_length(loaded.model)
-    engine = Engine(
-        loaded.model, loaded.stop_ids, slots=1, context=limit, precision="bf16", decoder=loaded.decoder
-    )
-    (seq,) = engine.generate([ids], settings, on_token=on_token)
+    (seq,) = _engine(loaded, 1, context_length(loaded.model)).generate([ids], settings, on_token=on_token)
     if stream is not None:
         stream(pieces.rest())
-    text = loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-    return Generation(text, seq.tokens, len(ids), seq.finish == "stop")
+    return _generation(loaded, seq)
 
 
 def generate_many(
@@ -206,8 +220,6 @@ def generate_many(
     according to how many rows share it (1-2 rows: torch's kernel, more: oneDNN's), so where two tokens are
     nearly tied a reply can differ from the one it gets alone. 32 rows: 18% faster than 16 on compare's
     48 prompts (bench/RESULTS.md)."""
-    from llama_lora.infer.engine import Engine
-
     prompts = [render_prompt(loaded, m) for m in conversations]
     limit = context_length(loaded.model)
     for ids in prompts:
@@ -216,19 +228,8 @@ def generate_many(
                 f"a prompt is {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
                 f"it exceeds the model's context of {limit}"
             )
-    engine = Engine(
-        loaded.model, loaded.stop_ids, slots=batch_size, context=limit, precision=loaded.precision
-    )
-    done = engine.generate(prompts, settings)
-    return [
-        Generation(
-            loaded.tokenizer.decode(s.tokens, skip_special_tokens=True),
-            s.tokens,
-            len(s.prompt),
-            s.finish == "stop",
-        )
-        for s in done
-    ]
+    done = _engine(loaded, batch_size, limit).generate(prompts, settings)
+    return [_generation(loaded, s) for s in done]
 
 
 @torch.no_grad()

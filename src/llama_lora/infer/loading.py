@@ -72,7 +72,9 @@ class Loaded:
     stored_dtype: str = "float32"  # dtype of the base weights on disk
     tools: list[dict[str, Any]] | None = None  # --tools schemas, rendered as training renders them
     precision: str = "fp32"  # generation's decode steps: "bf16" runs them on bf16 weights (infer/decode.py)
-    decoder: Any = None  # the bf16 decoder, made at the first generation and reused (chat turns, rows)
+    # the bf16 decoder (copies of the weights), made at the first generation and reused; whoever changes the
+    # weights (compare unmerging the adapter) drops it
+    decoder: Any = None
 
 
 def load(
