@@ -20,6 +20,8 @@ a model (the engine then uses transformers' forward).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -126,41 +128,51 @@ class Bf16Decoder:
     def _linear(x: torch.Tensor, weight_bias) -> torch.Tensor:
         return F.linear(x, *weight_bias).float()
 
+    def _attention_inputs(self, x, norm, eps, qkv_w, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries and keys rotated, (n, heads + kv heads, dim); values, (n, kv heads, dim)) for n rows."""
+        heads, kv = self.heads, self.kv_heads
+        qkv = self._linear(self._norm(x, norm, eps), qkv_w).view(x.shape[0], heads + 2 * kv, self.head_dim)
+        qk = qkv[:, : heads + kv]
+        return torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin), qkv[:, heads + kv :]
+
+    def _mlp(self, x: torch.Tensor, norm: torch.Tensor, eps: float, gate_up_w, down_w) -> None:
+        """The SiLU-gated MLP's output added to the residual `x` in place."""
+        gate_up = F.linear(self._norm(x, norm, eps), *gate_up_w)
+        x.add_(F.linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], *down_w))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _onednn(rows: int):
+        """oneDNN for the matrix products of 3 rows or more; torch's own kernel for 1 or 2 (module doc)."""
+        before = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(rows > 2)
+        try:
+            yield
+        finally:
+            torch._C._set_mkldnn_enabled(before)
+
     @torch.no_grad()
     def prefill(self, prompt: list[int], keys: torch.Tensor, values: torch.Tensor, slot: int) -> torch.Tensor:
         """Float32 logits (vocab,) after `prompt`, its keys and values written into `slot` at 0..len-1
         (causal attention within the prompt; oneDNN's matrix products, as for several decode rows)."""
-        heads, kv, dim, length = self.heads, self.kv_heads, self.head_dim, len(prompt)
+        heads, dim, length = self.heads, self.head_dim, len(prompt)
         tokens = torch.tensor(prompt, device=keys.device)
         x = self.embed[tokens].float()
         cos, sin = self.rotary(x, torch.arange(length, device=keys.device)[None])  # (1, length, dim)
         cos, sin = cos[0, :, None], self._signed(sin[0, :, None])
-        onednn = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(length > 2)
-        try:
+        with self._onednn(length):
             for layer, (n1, e1, qkv_w, o_w, n2, e2, gu_w, down_w) in enumerate(self.layers):
-                qkv = self._linear(self._norm(x, n1, e1), qkv_w).view(length, heads + 2 * kv, dim)
-                qk = torch.addcmul(qkv[:, : heads + kv] * cos, qkv[:, : heads + kv].roll(dim // 2, -1), sin)
-                k, v = (
-                    qk[:, heads:].transpose(0, 1),
-                    qkv[:, heads + kv :].transpose(0, 1),
-                )  # (kv, length, dim)
+                qk, v = self._attention_inputs(x, n1, e1, qkv_w, cos, sin)
+                k, v = qk[:, heads:].transpose(0, 1), v.transpose(0, 1)  # (kv, length, dim)
                 keys[layer, slot, :, :length] = k
                 values[layer, slot, :, :length] = v
                 attended = F.scaled_dot_product_attention(
                     qk[:, :heads].transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=True
-                )  # (1, heads, length, dim)
-                x.add_(
-                    F.linear(
-                        attended[0].transpose(0, 1).reshape(length, heads * dim).to(torch.bfloat16), *o_w
-                    )
-                )
-                gate_up = F.linear(self._norm(x, n2, e2), *gu_w)
-                mixed = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-                x.add_(F.linear(mixed, *down_w))
+                )[0]  # (heads, length, dim)
+                flat = attended.transpose(0, 1).reshape(length, heads * dim).to(torch.bfloat16)
+                x.add_(F.linear(flat, *o_w))
+                self._mlp(x, n2, e2, gu_w, down_w)
             return F.linear(self._norm(x[-1:], *self.norm), self.head).float()[0]
-        finally:
-            torch._C._set_mkldnn_enabled(onednn)
 
     @staticmethod
     def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -188,29 +200,20 @@ class Bf16Decoder:
                 hidden[:, None, None], -torch.inf
             )
             bias = bias.view(rows * kv, 1, width)
-        onednn = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(rows > 2)  # 1 or 2 rows: torch's own kernel (module doc)
-        try:
+        with self._onednn(rows):
             for layer, (n1, e1, qkv_w, o_w, n2, e2, gu_w, down_w) in enumerate(self.layers):
-                qkv = self._linear(self._norm(x, n1, e1), qkv_w).view(rows, heads + 2 * kv, dim)
-                qk = qkv[:, : heads + kv]
-                qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
+                qk, v = self._attention_inputs(x, n1, e1, qkv_w, cos, sin)
                 k_cache, v_cache = keys[layer], values[layer]
                 k_cache[index, :, positions] = qk[:, heads:]
-                v_cache[index, :, positions] = qkv[:, heads + kv :]
+                v_cache[index, :, positions] = v
                 q = qk[:, :heads].reshape(rows * kv, heads // kv, dim)
                 k_seen = k_cache[:rows, :, :width].view(rows * kv, width, dim).transpose(1, 2)
                 if bias is None:
                     scores = torch.bmm(q, k_seen).mul_(self.scale)
                 else:
                     scores = torch.baddbmm(bias, q, k_seen, alpha=self.scale)
-                attended = torch.bmm(
-                    torch.softmax(scores, -1), v_cache[:rows, :, :width].view(rows * kv, width, dim)
-                )
+                v_seen = v_cache[:rows, :, :width].view(rows * kv, width, dim)
+                attended = torch.bmm(torch.softmax(scores, -1), v_seen)
                 x.add_(F.linear(attended.view(rows, heads * dim).to(torch.bfloat16), *o_w))
-                gate_up = F.linear(self._norm(x, n2, e2), *gu_w)
-                mixed = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-                x.add_(F.linear(mixed, *down_w))
+                self._mlp(x, n2, e2, gu_w, down_w)
             return F.linear(self._norm(x, *self.norm), self.head).float()
-        finally:
-            torch._C._set_mkldnn_enabled(onednn)
