@@ -418,13 +418,18 @@ def test_a_full_waiting_queue_answers_503_with_retry_after(runs, tmp_path):
         stop_server(proc)
 
 
-def test_serve_refuses_adapters_of_different_bases(runs, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(runs["greet"], other)
-    meta_file = other / "adapter" / "llama_lora.json"
+def adapter_of_another_base(run: Path, copy: Path) -> Path:
+    """A copy of `run` whose stored base fingerprint is another model's."""
+    shutil.copytree(run, copy)
+    meta_file = copy / "adapter" / "llama_lora.json"
     meta = json.loads(meta_file.read_text())
     meta["base_fingerprint"]["embedding_sample"] = [1.0] * len(meta["base_fingerprint"]["embedding_sample"])
     meta_file.write_text(json.dumps(meta))
+    return copy
+
+
+def test_serve_refuses_adapters_of_different_bases(runs, tmp_path):
+    other = adapter_of_another_base(runs["greet"], tmp_path / "other")
     code, _, err = cli_in_process(
         "serve", "--adapter", f"a={runs['fruit']}", "--adapter", f"b={other}", "--port", str(free_port())
     )
@@ -440,12 +445,7 @@ def test_adapters_loaded_and_unloaded_at_run_time(runs, expected, tiny_model_dir
     its own answers; the API key applies; a name served already, a missing path and an adapter of another
     base (fingerprint) are refused in one JSON error; an unload waits for the adapter's running request and
     the name answers 404 at once."""
-    other = tmp_path / "other"
-    shutil.copytree(runs["greet"], other)
-    meta_file = other / "adapter" / "llama_lora.json"
-    meta = json.loads(meta_file.read_text())
-    meta["base_fingerprint"]["embedding_sample"] = [1.0] * len(meta["base_fingerprint"]["embedding_sample"])
-    meta_file.write_text(json.dumps(meta))
+    other = adapter_of_another_base(runs["greet"], tmp_path / "other")
     log = tmp_path / "log"
     proc, url = start_server([str(tiny_model_dir), "--allow-adapter-updates", "--api-key", "k3"], log)
     auth = {"Authorization": "Bearer k3"}
