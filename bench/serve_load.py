@@ -56,12 +56,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, port: int):
+def start(model: str, port: int, precision: str):
     import requests
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_lora", "serve", model, "--port", str(port)],
+        [sys.executable, "-m", "llama_lora", "serve", model, "--port", str(port), "--precision", precision],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -137,15 +137,18 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="smollm2-135m-instruct", help="what to serve")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--precision", default="auto", help="serve's --precision (auto, bf16, fp32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     port = free_port()
-    proc = start(args.model, port)
+    proc = start(args.model, port, args.precision)
     try:
         import openai
 
         url = f"http://127.0.0.1:{port}/v1"
-        model = openai.OpenAI(base_url=url, api_key="unused").models.list().data[0].id
+        listed = openai.OpenAI(base_url=url, api_key="unused").models.list().data
+        # a run directory's adapter when one is served (what its user asks for), else the base
+        model = next((m.id for m in listed if getattr(m, "parent", None)), listed[0].id)
         ask(openai.OpenAI(base_url=url, api_key="unused"), model, "warm-up", 8)
         serial = side(url, model, args.clients, args.tokens, concurrent=False)
         together = side(url, model, args.clients, args.tokens, concurrent=True)
@@ -155,6 +158,8 @@ def main() -> None:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "model": args.model,
+        "served_name": model,
+        "precision": args.precision,
         "clients": args.clients,
         "tokens": args.tokens,
         "serial": serial,

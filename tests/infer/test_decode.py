@@ -1,7 +1,8 @@
 """The bf16 decode step (infer/decode.py) against transformers' float32 forward on tiny random models: each
 row's logits at its own position match within bf16 rounding, alone and batched (rows at different positions,
-past the first rows of the cache); q/k/v biases (Qwen2) are applied; an active unmerged adapter is refused and
-a merged one is not; the engine in bf16 streams what it returns."""
+past the first rows of the cache); q/k/v biases (Qwen2) are applied; an active unmerged LoRA or DoRA adapter
+is folded into the bf16 copies (as merging would, the model untouched); the engine in bf16 streams what it
+returns and decodes each adapter group with that adapter's copies."""
 
 from __future__ import annotations
 
@@ -74,17 +75,65 @@ def test_a_cache_or_position_error_would_show():
     assert (shifted - want).abs().max() > 0.1 * want.abs().max()
 
 
-def test_unmerged_active_adapter_is_refused_merged_is_not():
+def _with_adapters(use_dora: bool):
+    """The llama model with two PEFT adapters, "a" and "b", whose terms are not zero (B initialised too)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert unsupported(model) == "an unmerged adapter is active"
-    model.merge_adapter()
-    assert unsupported(model) is None
-    model.unmerge_adapter()
-    with model.disable_adapter():
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
+    model = get_peft_model(_model("llama"), LoraConfig(**config), adapter_name="a")
+    model.add_adapter("b", LoraConfig(**config))
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "lora_magnitude" in name:
+            param.data += 0.3 * torch.randn_like(param)
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_an_active_adapter_is_folded_into_the_copies_and_the_model_left_as_it_was(use_dora):
+    model = _with_adapters(use_dora)
+    seq = torch.randint(0, 300, (7,)).tolist()
+    for adapter in ("a", "b"):
+        model.set_adapter(adapter)
         assert unsupported(model) is None
+        want = _float32_logits(model, [seq])  # PEFT's forward with the adapter's terms unmerged
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        got = _bf16_logits(model, [seq])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert (got - want).abs().max() < 0.03 * want.abs().max() and torch.equal(
+            got.argmax(-1), want.argmax(-1)
+        )
+        model.merge_adapter([adapter])
+        merged = Bf16Decoder(model)
+        model.unmerge_adapter()
+        folded = Bf16Decoder(model)
+        assert all(torch.equal(f[2].weight, m[2].weight) for f, m in zip(folded.layers, merged.layers))
+    with model.disable_adapter():
+        base = _float32_logits(model, [seq])
+        assert (_bf16_logits(model, [seq]) - base).abs().max() < 0.04 * base.abs().max()
+    assert (base - want).abs().max() > 0.1 * base.abs().max()  # the adapters do change the logits
     assert "model type" in unsupported(_gpt2())
+
+
+def test_the_engine_decodes_each_group_with_its_own_adapter_folded_in():
+    from llama_lora.model.adapters import use_adapter
+
+    model = _with_adapters(use_dora=True)
+    prompt, sampling = [5, 6, 7, 8], Sampling(max_new_tokens=8)
+    engine = Engine(model, [], slots=4, precision="bf16", select=lambda g: use_adapter(model, g))
+    seqs = [engine.submit(prompt, sampling, group=g) for g in ("a", None, "b", "a")]
+    while not all(s.done.is_set() for s in seqs):
+        engine.step()
+    assert set(engine._decoders) == {"a", None, "b"}
+    alone = {}
+    for group in ("a", None, "b"):
+        with use_adapter(model, group):
+            (seq,) = Engine(model, [], slots=1, precision="bf16").generate([prompt], sampling)
+            alone[group] = seq.tokens
+    assert [s.tokens for s in seqs] == [alone["a"], alone[None], alone["b"], alone["a"]]
+    assert alone["a"] != alone["b"] or alone["a"] != alone[None]
+    engine.forget("b")
+    assert set(engine._decoders) == {"a", None}
 
 
 def _gpt2():
@@ -98,7 +147,7 @@ def test_engine_in_bf16_streams_its_tokens():
     engine = Engine(model, stop_ids=[], slots=4, precision="bf16")
     seen: list[int] = []
     (seq,) = engine.generate([[1, 2, 3]], Sampling(max_new_tokens=6), on_token=seen.append)
-    assert isinstance(engine._fast, Bf16Decoder) and seq.tokens == seen and len(seen) == 6
+    assert isinstance(engine._decoders[None], Bf16Decoder) and seq.tokens == seen and len(seen) == 6
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

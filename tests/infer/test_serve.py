@@ -52,10 +52,12 @@ def runs(tmp_path_factory, tiny_model_dir):
     return made
 
 
-def start_server(args: list[str], log: Path, env: dict | None = None):
+def start_server(args: list[str], log: Path, env: dict | None = None, precision: str = "fp32"):
+    """A server in float32 unless asked (its greedy answers are then `infer --precision fp32`'s on any CPU;
+    `auto` would be bf16 on some machines and float32 on others)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_lora", "serve", *args, "--port", str(port)],
+        [sys.executable, "-m", "llama_lora", "serve", *args, "--port", str(port), "--precision", precision],
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
         env={**os.environ, **(env or {})},
@@ -103,13 +105,13 @@ def client(server):
     return openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def expected(runs, tiny_model_dir):
-    """`infer --greedy`'s answers, in process: {(model, prompt): text}, and the loaded models."""
+def infer_answers(runs, tiny_model_dir, precision: str):
+    """`infer --greedy --precision P`'s answers, in process: {(model, prompt): text}, and the loaded models."""
+    quiet = dict(device="cpu", log=lambda *a: None, precision=precision)
     loaded = {
-        "base": loading.load(base=str(tiny_model_dir), device="cpu", log=lambda *a: None),
-        "fruit": loading.load(adapter=str(runs["fruit"]), device="cpu", log=lambda *a: None),
-        "greet": loading.load(adapter=str(runs["greet"]), device="cpu", log=lambda *a: None),
+        "base": loading.load(base=str(tiny_model_dir), **quiet),
+        "fruit": loading.load(adapter=str(runs["fruit"]), **quiet),
+        "greet": loading.load(adapter=str(runs["greet"]), **quiet),
     }
     settings = generate.GenerationSettings(max_new_tokens=N_NEW)
     texts = {
@@ -118,6 +120,12 @@ def expected(runs, tiny_model_dir):
         for p in PROMPTS
     }
     return texts, loaded
+
+
+@pytest.fixture(scope="module")
+def expected(runs, tiny_model_dir):
+    """`infer --greedy --precision fp32`'s answers (what the float32 servers must give)."""
+    return infer_answers(runs, tiny_model_dir, "fp32")
 
 
 def model_id(client, name: str) -> str:
@@ -545,3 +553,39 @@ def test_adapter_updates_are_refused_unless_allowed(server):
             timeout=10,
         )
         assert refused.status_code == 403 and "--allow-adapter-updates" in refused.json()["error"]["message"]
+
+
+def test_a_bf16_server_answers_as_infer_does_in_bf16(runs, tiny_model_dir, tmp_path):
+    """With --precision bf16 each served name decodes on bf16 copies with its adapter folded in (one set per
+    name, a run-time loaded adapter's too): greedy answers equal `infer --precision bf16`'s, alone, streamed
+    and with two adapters asked at once."""
+    texts, _ = infer_answers(runs, tiny_model_dir, "bf16")
+    args = [str(tiny_model_dir), "--adapter", f"greet={runs['greet']}", "--allow-adapter-updates"]
+    proc, url = start_server(args, tmp_path / "log", precision="bf16")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        body = {"lora_name": "fruit", "lora_path": str(runs["fruit"])}
+        assert requests.post(f"{url}/load_lora_adapter", json=body, timeout=120).ok
+        for name in ("base", "fruit", "greet"):
+            for prompt in PROMPTS:
+                assert chat(client, name, prompt).choices[0].message.content == texts[(name, prompt)]
+        pieces = chat(client, "fruit", PROMPTS[1], stream=True)
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+            == texts[("fruit", PROMPTS[1])]
+        )
+        together: dict[str, str] = {}
+
+        def ask(name: str) -> None:
+            together[name] = chat(client, name, PROMPTS[0]).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in ("fruit", "greet")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert together == {n: texts[(n, PROMPTS[0])] for n in ("fruit", "greet")}
+        assert texts[("fruit", PROMPTS[0])] != texts[("greet", PROMPTS[0])]
+    finally:
+        stop_server(proc)
+    assert "; bf16; adapters may be loaded" in (tmp_path / "log").read_text()

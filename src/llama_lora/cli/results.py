@@ -189,6 +189,7 @@ def serve(
         bool,
         typer.Option(help="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key applies)."),
     ] = False,
+    precision: GenPrecisionOpt = "auto",
 ) -> None:
     """OpenAI-compatible server for a base model and its adapters (docs/elsewhere.md)."""
     from llama_lora.infer.serve import serve as run_server
@@ -202,6 +203,7 @@ def serve(
         max_sequences=max_sequences,
         max_waiting=max_waiting,
         allow_adapter_updates=allow_adapter_updates,
+        precision=precision,
     )
 
 

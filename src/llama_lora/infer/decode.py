@@ -8,7 +8,10 @@ bytes, and its bf16 forward pays oneDNN's matrix-vector path and many small modu
 AVX512-BF16 CPU, SmolLM2-135M: bench/RESULTS.md). Here:
 - the weights are bf16 copies, q/k/v and gate/up concatenated (one matrix product each);
 - with one or two sequences oneDNN is switched off for the step, so torch's own bf16 matrix-vector kernel
-  runs (1.8x oneDNN's rate at one row, 1.3x at two); from three rows oneDNN's matrix-matrix kernel is faster;
+  runs (1.8x oneDNN's rate at one row, 1.3x at two); from three rows oneDNN's matrix-matrix kernel is faster,
+  and faster again on weights packed once into its own blocked layout (a second bf16 copy, made the first time
+  three or more rows come: a whole model's products at 16 rows in about half the time of packing them on
+  every call, bench/RESULTS.md); where oneDNN is missing or refuses, the plain product runs;
 - the residual stream, norms, rotary embedding, keys, values and attention stay float32 (the engine's cache
   is the model's dtype), so only the matrix products round to bf16.
 
@@ -31,15 +34,32 @@ FAMILIES = ("llama", "qwen2", "mistral")  # decoder layers of exactly this shape
 
 
 def _weight(linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """A projection's effective weight and bias: a plain Linear's, or a PEFT layer's base where its adapter
-    is merged into it or switched off; None where an unmerged adapter is active (its terms would be missed)."""
-    if hasattr(linear, "base_layer"):
-        if not (getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False)):
-            return None
-        linear = linear.base_layer
-    if not isinstance(linear, torch.nn.Linear):
+    """A projection's weight and bias as the model runs it now: a plain Linear's; a PEFT layer's base where
+    its adapters are merged into it or switched off; otherwise its base with each active adapter's terms
+    folded into a copy (PEFT's own merge arithmetic on that copy, LoRA and DoRA alike; the model is left as
+    it was). None where an active adapter cannot be folded (a variant other than DoRA)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    if not hasattr(linear, "base_layer"):
+        return (linear.weight, linear.bias) if isinstance(linear, torch.nn.Linear) else None
+    base = linear.base_layer
+    if not isinstance(base, torch.nn.Linear):
         return None
-    return linear.weight, linear.bias
+    active = [a for a in linear.active_adapters if a in linear.lora_A]
+    if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False) or not active:
+        return base.weight, base.bias
+    weight, bias = base.weight.detach().clone(), base.bias
+    for adapter in active:
+        variant = linear.lora_variant.get(adapter)
+        if variant is None:
+            weight += linear.get_delta_weight(adapter).to(weight.dtype)
+        elif isinstance(variant, DoraLinearVariant):  # PEFT's, or model/fast_dora.py's (same merge)
+            weight = variant.merge_safe(linear, adapter, weight)
+        else:
+            return None
+        if linear.lora_bias.get(adapter):
+            bias = (0 if bias is None else bias) + linear.lora_B[adapter].bias * linear.scaling[adapter]
+    return weight, bias
 
 
 def _core(model):
@@ -70,13 +90,35 @@ def unsupported(model) -> str | None:
             mlp.down_proj,
         ):
             if _weight(proj) is None:
-                return "an unmerged adapter is active"
+                return "an active adapter of a kind that cannot be folded into the weights"
     return None
+
+
+class _Projection:
+    """One projection's bf16 weight and bias; applied to 3 rows or more through oneDNN's packed copy of the
+    weight (module doc), made at that first use."""
+
+    __slots__ = ("weight", "bias", "packed")
+    packing = True  # False once oneDNN packing is found missing or failing here: plain products from then on
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias, self.packed = weight, bias, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2 and _Projection.packing and x.device.type == "cpu":
+            try:
+                if self.packed is None:
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            except (AttributeError, RuntimeError, NotImplementedError):
+                _Projection.packing = False  # a build without oneDNN: its plain product below
+        return F.linear(x, self.weight, self.bias)
 
 
 class Bf16Decoder:
     """bf16 copies of a model's weights and the decode step over them (see module doc). The copies are taken
-    when it is made: a decoder serves the weights of that moment (make a new one after merging)."""
+    when it is made, of the model as it runs at that moment: its active adapters folded in, or none where
+    they are switched off (`_weight`); a decoder keeps serving those weights (make a new one after a change)."""
 
     def __init__(self, model):
         core = _core(model)
@@ -94,11 +136,11 @@ class Bf16Decoder:
                 return None
             return torch.cat([t.detach() for t in present]).to(torch.bfloat16).contiguous()
 
-        def fused(*linears):
+        def fused(*linears) -> _Projection:
             pairs = [_weight(lin) for lin in linears]
             biases = [b for _, b in pairs]
-            return bf16(*(w for w, _ in pairs)), (
-                bf16(*biases) if all(b is not None for b in biases) else None
+            return _Projection(
+                bf16(*(w for w, _ in pairs)), bf16(*biases) if all(b is not None for b in biases) else None
             )
 
         self.layers = []
@@ -118,27 +160,23 @@ class Bf16Decoder:
             )
         self.embed = core.model.embed_tokens.weight.detach()  # rows are gathered, not multiplied: as stored
         self.norm = (core.model.norm.weight.detach().float(), core.model.norm.variance_epsilon)
-        self.head = bf16(core.lm_head.weight)
+        self.head = _Projection(bf16(core.lm_head.weight), None)
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.bfloat16)
 
-    @staticmethod
-    def _linear(x: torch.Tensor, weight_bias) -> torch.Tensor:
-        return F.linear(x, *weight_bias).float()
-
     def _attention_inputs(self, x, norm, eps, qkv_w, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries and keys rotated, (n, heads + kv heads, dim); values, (n, kv heads, dim)) for n rows."""
         heads, kv = self.heads, self.kv_heads
-        qkv = self._linear(self._norm(x, norm, eps), qkv_w).view(x.shape[0], heads + 2 * kv, self.head_dim)
+        qkv = qkv_w(self._norm(x, norm, eps)).float().view(x.shape[0], heads + 2 * kv, self.head_dim)
         qk = qkv[:, : heads + kv]
         return torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin), qkv[:, heads + kv :]
 
     def _mlp(self, x: torch.Tensor, norm: torch.Tensor, eps: float, gate_up_w, down_w) -> None:
         """The SiLU-gated MLP's output added to the residual `x` in place."""
-        gate_up = F.linear(self._norm(x, norm, eps), *gate_up_w)
-        x.add_(F.linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], *down_w))
+        gate_up = gate_up_w(self._norm(x, norm, eps))
+        x.add_(down_w(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]))
 
     @staticmethod
     @contextlib.contextmanager
@@ -170,9 +208,9 @@ class Bf16Decoder:
                     qk[:, :heads].transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=True
                 )[0]  # (heads, length, dim)
                 flat = attended.transpose(0, 1).reshape(length, heads * dim).to(torch.bfloat16)
-                x.add_(F.linear(flat, *o_w))
+                x.add_(o_w(flat))
                 self._mlp(x, n2, e2, gu_w, down_w)
-            return F.linear(self._norm(x[-1:], *self.norm), self.head).float()[0]
+            return self.head(self._norm(x[-1:], *self.norm)).float()[0]
 
     @staticmethod
     def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -214,6 +252,6 @@ class Bf16Decoder:
                     scores = torch.baddbmm(bias, q, k_seen, alpha=self.scale)
                 v_seen = v_cache[:rows, :, :width].view(rows * kv, width, dim)
                 attended = torch.bmm(torch.softmax(scores, -1), v_seen)
-                x.add_(F.linear(attended.view(rows, heads * dim).to(torch.bfloat16), *o_w))
+                x.add_(o_w(attended.view(rows, heads * dim).to(torch.bfloat16)))
                 self._mlp(x, n2, e2, gu_w, down_w)
-            return F.linear(self._norm(x, *self.norm), self.head).float()
+            return self.head(self._norm(x, *self.norm)).float()

@@ -9,8 +9,9 @@ settings and generator (sampling.py), and is streamed token by token.
 The cache (`SlotCache`) keeps, per layer, keys and values of shape (slots, kv heads, capacity, head dim). Live
 sequences occupy slots 0..B-1 in order (a finishing sequence's slot takes the last live one's contents), so a
 step reads `[:B, :, :longest]`, a view, and a (B, 1, 1, longest) mask hides each row's unused positions. The
-capacity doubles when a sequence needs more. The model is transformers' own (any model that accepts a cache
-object with `update` and a ready 4D mask); only the cache and the scheduling are ours.
+capacity doubles when a sequence needs more. In float32 the model is transformers' own (any model that
+accepts a cache object with `update` and a ready 4D mask); in bf16 a Llama-family model runs on decode.py's
+bf16 copies, one set per group (the group's adapter folded in).
 
 Why not transformers' `generate_batch` (ContinuousBatchingManager with its paged CPU cache): on this project's
 CPU it served 16 concurrent prompts at about two thirds of this loop's rate (bench/RESULTS.md).
@@ -83,13 +84,12 @@ class Engine:
         model runs as `group` asks (an adapter active, or none), entered when the running group changes:
         sequences of one group decode together, the next group's join when the batch has drained.
         `precision` "bf16": prefill and decode steps run on bf16 copies of the weights (decode.py) where the
-        model allows (a Llama-family model, no unmerged adapter, no group switching); `decoder`: one made
-        before for the same weights (its bf16 copies are reused)."""
+        model allows (a Llama-family model): one decoder per group, made the first time the group runs, of
+        the model as `select` sets it (the group's adapter folded into the copies); `decoder`: one made
+        before for the model as it is (no group), its copies reused."""
         self.model = model
         self.precision = precision
-        self._fast: Bf16Decoder | bool | None = (
-            decoder  # None: decided at the first step; False: not possible
-        )
+        self._decoders: dict[object, Bf16Decoder | None] = {} if decoder is None else {None: decoder}
         self.select = select
         self.log = log
         self._group: object = _NO_GROUP
@@ -275,10 +275,24 @@ class Engine:
         self._take(seq, logits)
 
     def _bf16_decoder(self) -> Bf16Decoder | None:
-        if self._fast is None:
-            possible = self.precision == "bf16" and self.select is None and unsupported(self.model) is None
-            self._fast = Bf16Decoder(self.model) if possible else False  # adapters switched: transformers'
-        return self._fast or None
+        """The running group's bf16 decoder (made now, under the group's `select`, the first time); None in
+        float32 or where the model is not one decode.py runs (transformers' forward then)."""
+        if self.precision != "bf16":
+            return None
+        if self._group not in self._decoders:
+            self._decoders[self._group] = Bf16Decoder(self.model) if unsupported(self.model) is None else None
+        return self._decoders[self._group]
+
+    def prepare(self, group: str | None) -> None:
+        """Make `group`'s bf16 decoder now, so that its first request does not wait for it; call from the
+        engine's thread (`call`), where no group is selected."""
+        if self.precision == "bf16" and group not in self._decoders:
+            with self.select(group) if self.select is not None else contextlib.nullcontext():
+                self._decoders[group] = Bf16Decoder(self.model) if unsupported(self.model) is None else None
+
+    def forget(self, group: str | None) -> None:
+        """Drop `group`'s bf16 decoder (its adapter was removed); call from the engine's thread (`call`)."""
+        self._decoders.pop(group, None)
 
     def _decode(self) -> None:
         live = self.live

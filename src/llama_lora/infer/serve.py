@@ -2,16 +2,18 @@
 
 Built on FastAPI + uvicorn rather than `transformers serve`: that server renders prompts its own way, knows
 nothing of a run's template and system prompt, and has no named adapters per request. Here every prompt goes
-through `generate.render_prompt` and the same greedy decoding as `infer` in float32, so the server answers
-what `infer --precision fp32` does (`temperature: 0` is `infer --greedy`). The server decodes in float32
-with transformers' forward: its adapters stay unmerged, which the bf16 decoder (decode.py) does not run.
+through `generate.render_prompt` and the same greedy decoding as `infer` at the same `--precision`, so the
+server answers what `infer` does (`temperature: 0` is `infer --greedy`).
 
 Several adapters share one base as PEFT named adapters, chosen per request by `model`; the base answers
-under its own name with the adapters switched off. The adapters stay unmerged (PEFT's forward adds the
-rank-r terms), unlike `infer`, which folds its one adapter into the weights: merging and unmerging whenever
-the requested adapter changes would cost a pass over the weights at each switch and, since float addition
-does not undo exactly, would let the base weights drift a little with every switch. Unmerged, every request
-sees the very weights it was trained on, at some cost per token (DoRA's the most, bench/RESULTS.md).
+under its own name with the adapters switched off. In bf16 (`--precision auto` where the hardware computes it
+natively, or `bf16`) each served name decodes on its own bf16 copies of the weights with its adapter folded
+in (decode.py; made at start-up, or when an adapter is loaded at run time, and dropped when it is unloaded):
+no cost per token for an adapter, one copy of the weights per name in memory. In float32 the adapters stay
+unmerged (PEFT's forward adds the rank-r terms) rather than merged at every switch, which would cost a pass
+over the weights each time and, since float addition does not undo exactly, let the base weights drift: every
+request sees the very weights it was trained on, at some cost per token (DoRA's the most, bench/RESULTS.md).
+The bf16 copies are made without touching the model (PEFT's merge arithmetic on a copy).
 
 Concurrency: the generation engine (engine.py, through serve_worker.py) owns the model in one thread; the
 requests decode together in its running batch (up to `--max-sequences` at once, joining and leaving between tokens; one
@@ -274,10 +276,12 @@ def serve(
     max_sequences: int = 16,
     max_waiting: int = 64,
     allow_adapter_updates: bool = False,
+    precision: str = "auto",
 ) -> None:
     """Load the models, then answer requests until interrupted. The API key comes from `api_key` or the
     LLAMA_LORA_API_KEY environment variable; it is never logged. `allow_adapter_updates`: adapters may be
-    loaded and unloaded at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)."""
+    loaded and unloaded at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter). `precision`:
+    generation's (auto, bf16, fp32; module doc)."""
     import uvicorn
 
     key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -288,10 +292,14 @@ def serve(
             probe.bind((host, port))
         except OSError as exc:
             raise ServeError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
-    served = load_served(model, parse_adapter_specs(adapter_specs), device=device, log=log)
+    served = load_served(
+        model, parse_adapter_specs(adapter_specs), device=device, log=log, precision=precision
+    )
     worker = Worker(log, slots=max_sequences, max_waiting=max_waiting)
+    worker.prepare(list(served.values()))
     app = create_app(served, worker, key, log, allow_adapter_updates)
     auth = "API key required" if key else "no API key"
     updates = "; adapters may be loaded and unloaded" if allow_adapter_updates else ""
-    log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}{updates}); Ctrl-C stops")
+    decoding = next(iter(served.values())).loaded.precision
+    log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}; {decoding}{updates}); Ctrl-C stops")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

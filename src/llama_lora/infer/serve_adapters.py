@@ -78,13 +78,20 @@ def plan_served(
 
 
 def load_served(
-    model: str | None, adapter_specs: list[tuple[str, str]], device: str = "auto", log=print
+    model: str | None,
+    adapter_specs: list[tuple[str, str]],
+    device: str = "auto",
+    log=print,
+    precision: str = "auto",
 ) -> dict[str, Served]:
     """The names to serve: the base under its model name, each adapter under its own. A positional run
-    directory (`model`) is one more adapter, named after the directory, on the base it was trained on."""
+    directory (`model`) is one more adapter, named after the directory, on the base it was trained on.
+    `precision` is generation's (`loading.load`)."""
     base, specs = plan_served(model, adapter_specs)
     first = specs[0][1] if specs else None
-    loaded = loading.load(base=base, adapter=first, device=device, merge_in_memory=False, log=log)
+    loaded = loading.load(
+        base=base, adapter=first, device=device, merge_in_memory=False, log=log, precision=precision
+    )
     base_name = base or (loaded.source.base_name if loaded.source else "")
     if base_name in [n for n, _ in specs]:
         raise ServeError(f"--adapter: {base_name} is the base model's name; name the adapter otherwise")
@@ -193,6 +200,7 @@ class AdapterUpdates:
                 self.served[key] = dataclasses.replace(
                     s, loaded=dataclasses.replace(s.loaded, model=engine.model)
                 )
+        engine.prepare(added.adapter)  # its bf16 copies (where the engine decodes in bf16) made now
         return added
 
     async def unload(self, body: dict) -> str:
@@ -205,6 +213,11 @@ class AdapterUpdates:
         del self.served[name]  # new requests for it get 404 from now on
         engine = self.worker.engine_for(gone)
         model = gone.loaded.model
-        await asyncio.wrap_future(engine.call(lambda: model.delete_adapter(gone.adapter), after=gone.adapter))
+
+        def remove() -> None:
+            model.delete_adapter(gone.adapter)
+            engine.forget(gone.adapter)
+
+        await asyncio.wrap_future(engine.call(remove, after=gone.adapter))
         self.log(f"serve: unloaded adapter {name}")
         return f"Success: LoRA adapter '{name}' removed successfully."

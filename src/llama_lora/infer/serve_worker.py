@@ -68,9 +68,17 @@ class Worker:
                     # engine.model, not loaded.model: an adapter loaded at run time may replace the model
                     select=lambda adapter: adapters.use_adapter(engine.model, adapter),
                     log=self.log,
+                    precision=loaded.precision,
                 )
                 self.engine.start()
             return self.engine
+
+    def prepare(self, served: list[Served]) -> None:
+        """Start the engine and make each served name's bf16 decoder now (in bf16; nothing in float32), so
+        that no first request waits for one."""
+        engine = self.engine_for(served[0])
+        for future in [engine.call(lambda s=s: engine.prepare(s.adapter)) for s in served]:
+            future.result()
 
     def load(self) -> tuple[int, int]:
         """(sequences decoding, sequences waiting) now."""
