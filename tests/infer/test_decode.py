@@ -31,8 +31,9 @@ def _model(kind: str):
     return LlamaForCausalLM(config).eval()
 
 
-def _bf16_logits(model, sequences: list[list[int]]) -> torch.Tensor:
-    """Each sequence's last-token logits from the bf16 step, its earlier tokens prefilled in float32."""
+def _bf16_logits(model, sequences: list[list[int]], compiled: bool = True) -> torch.Tensor:
+    """Each sequence's last-token logits from the bf16 step, its earlier tokens prefilled in float32; one row
+    runs the compiled step (decode_native) unless `compiled` is False."""
     from transformers import DynamicCache
 
     cache = SlotCache(model.config, len(sequences), torch.float32, "cpu", capacity=8)
@@ -45,7 +46,12 @@ def _bf16_logits(model, sequences: list[list[int]]) -> torch.Tensor:
             cache.store(slot, [(layer.keys, layer.values) for layer in out.cache.layers])
     tokens = torch.tensor([s[-1] for s in sequences])
     positions = torch.tensor([len(s) - 1 for s in sequences])
-    return Bf16Decoder(model).step(tokens, positions, cache.keys, cache.values)
+    decoder = Bf16Decoder(model)
+    if not compiled:
+        decoder._native = False
+    elif len(sequences) == 1:
+        assert decoder._compiled() is not None  # built here (CI has a compiler): the path under test
+    return decoder.step(tokens, positions, cache.keys, cache.values)
 
 
 def _float32_logits(model, sequences: list[list[int]]) -> torch.Tensor:
@@ -59,20 +65,55 @@ def test_bf16_step_matches_float32_forward_alone_and_batched(kind):
     torch.manual_seed(1)
     sequences = [torch.randint(0, 300, (n,)).tolist() for n in (5, 13, 2, 9)]  # 13 > the cache's first 8
     want = _float32_logits(model, sequences)
-    for rows in ([sequences[0]], sequences[:2], sequences):  # 1 and 2 rows: torch's kernel; 4: oneDNN's
-        got = _bf16_logits(model, rows)
+    # 1 row: the compiled step and the Python one; 1 and 2 rows: torch's kernel; 4: oneDNN's packed weights
+    for rows, compiled in (
+        ([sequences[0]], True),
+        ([sequences[0]], False),
+        (sequences[:2], True),
+        (sequences, True),
+    ):
+        got = _bf16_logits(model, rows, compiled)
         scale = want[: len(rows)].abs().max()
-        assert (got - want[: len(rows)]).abs().max() < 0.03 * scale, rows
+        assert (got - want[: len(rows)]).abs().max() < 0.03 * scale, (rows, compiled)
         assert torch.equal(got.argmax(-1), want[: len(rows)].argmax(-1))
 
 
-def test_a_cache_or_position_error_would_show():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_cache_or_position_error_would_show(compiled):
     """The tolerance above is tight enough: the step at a wrong position is far off."""
     model = _model("llama")
     seq = torch.randint(0, 300, (9,)).tolist()
     want = _float32_logits(model, [seq])
-    shifted = _bf16_logits(model, [seq[1:]])  # the same last token one position earlier, a shorter context
+    shifted = _bf16_logits(model, [seq[1:]], compiled)  # the same last token one position earlier
     assert (shifted - want).abs().max() > 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_compiled_step_writes_the_cache_as_the_python_step_does(kind):
+    """Same keys and values at the new position of the same slot, nothing else touched, logits alike; and
+    without the compiled module (no compiler here) the Python step runs."""
+    from llama_lora.infer import decode_native
+
+    model = _model(kind)
+    torch.manual_seed(3)
+    caches = [SlotCache(model.config, 3, torch.float32, "cpu", capacity=16) for _ in range(2)]
+    caches[0].keys.normal_(), caches[0].values.normal_()
+    caches[1].keys.copy_(caches[0].keys), caches[1].values.copy_(caches[0].values)
+    token, position = torch.tensor([7]), torch.tensor([11])
+    logits = []
+    for cache, compiled in zip(caches, (True, False)):
+        decoder = Bf16Decoder(model)
+        decoder._native = None if compiled else False
+        logits.append(decoder.step(token, position, cache.keys, cache.values))
+    assert (logits[0] - logits[1]).abs().max() < 0.02 * logits[1].abs().max()
+    for got, want in ((caches[0].keys, caches[1].keys), (caches[0].values, caches[1].values)):
+        assert (got[:, 0, :, 11] - want[:, 0, :, 11]).abs().max() < 0.02 * want[:, 0, :, 11].abs().max()
+        got[:, 0, :, 11], want[:, 0, :, 11] = 0, 0
+        assert torch.equal(got, want)
+    decoder = Bf16Decoder(model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_native, "_module", False)
+        assert decoder._compiled() is None and decoder._native is False
 
 
 def _with_adapters(use_dora: bool):

@@ -13,7 +13,10 @@ AVX512-BF16 CPU, SmolLM2-135M: bench/RESULTS.md). Here:
   three or more rows come: a whole model's products at 16 rows in about half the time of packing them on
   every call, bench/RESULTS.md); where oneDNN is missing or refuses, the plain product runs;
 - the residual stream, norms, rotary embedding, keys, values and attention stay float32 (the engine's cache
-  is the model's dtype), so only the matrix products round to bf16.
+  is the model's dtype), so only the matrix products round to bf16;
+- one sequence's step runs as one compiled C++ call where it can be built (decode_native.py): the same
+  arithmetic without some 40 Python-dispatched operations per layer (0.85x llama.cpp's f16 speed on the same
+  weights against 0.61x for the Python step, bench/RESULTS.md).
 
 The maths is transformers' Llama: RMSNorm (x * rsqrt(mean(x^2) + eps) * w), rotary embedding from the model's
 own `rotary_emb` (so its scaling, e.g. Llama 3's, is the model's), grouped-query attention over each row's
@@ -161,6 +164,7 @@ class Bf16Decoder:
         self.embed = core.model.embed_tokens.weight.detach()  # rows are gathered, not multiplied: as stored
         self.norm = (core.model.norm.weight.detach().float(), core.model.norm.variance_epsilon)
         self.head = _Projection(bf16(core.lm_head.weight), None)
+        self._native = None  # decode_native's compiled one-row step: made at first use, False if unavailable
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -212,6 +216,15 @@ class Bf16Decoder:
                 self._mlp(x, n2, e2, gu_w, down_w)
             return self.head(self._norm(x[-1:], *self.norm)).float()[0]
 
+    def _compiled(self):
+        """decode_native's compiled one-row step over these weights (made at the first one-row step), or None
+        where it cannot run here."""
+        if self._native is None:
+            from llama_lora.infer import decode_native
+
+            self._native = decode_native.step_for(self) or False
+        return self._native or None
+
     @staticmethod
     def _signed(sin: torch.Tensor) -> torch.Tensor:
         """rotate_half(t) * sin == roll(t, dim/2) * (sin with its first half negated)."""
@@ -231,6 +244,9 @@ class Bf16Decoder:
         x = self.embed[tokens].float()
         cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, dim): the model's own rotary embedding
         sin = self._signed(sin)
+        if rows == 1 and self._compiled() is not None:  # one sequence: the same step in C++ (module doc)
+            with self._onednn(1):
+                return self._native.run(x, width - 1, keys, values, 0, cos.reshape(-1), sin.reshape(-1))
         bias = None  # one row sees all its positions; several: each hides the positions past its own
         if rows > 1:
             hidden = torch.arange(width, device=tokens.device)[None, :] > positions[:, None]
