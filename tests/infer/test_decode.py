@@ -163,6 +163,12 @@ def test_the_engine_decodes_each_group_with_its_own_adapter_folded_in():
     prompt, sampling = [5, 6, 7, 8], Sampling(max_new_tokens=8)
     engine = Engine(model, [], slots=4, precision="bf16", select=lambda g: use_adapter(model, g))
     seqs = [engine.submit(prompt, sampling, group=g) for g in ("a", None, "b", "a")]
+    engine.step()
+    assert engine.live == [seqs[0], seqs[3]]  # a new batch takes every waiting sequence of its group
+    late = engine.submit(prompt, sampling, group="a")
+    engine.step()
+    assert late not in engine.live  # but a running one takes no more while other groups wait
+    seqs.append(late)
     while not all(s.done.is_set() for s in seqs):
         engine.step()
     assert set(engine._decoders) == {"a", None, "b"}
@@ -171,7 +177,7 @@ def test_the_engine_decodes_each_group_with_its_own_adapter_folded_in():
         with use_adapter(model, group):
             (seq,) = Engine(model, [], slots=1, precision="bf16").generate([prompt], sampling)
             alone[group] = seq.tokens
-    assert [s.tokens for s in seqs] == [alone["a"], alone[None], alone["b"], alone["a"]]
+    assert [s.tokens for s in seqs] == [alone["a"], alone[None], alone["b"], alone["a"], alone["a"]]
     assert alone["a"] != alone["b"] or alone["a"] != alone[None]
     engine.forget("b")
     assert set(engine._decoders) == {"a", None}

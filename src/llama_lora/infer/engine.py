@@ -210,14 +210,25 @@ class Engine:
         return True
 
     def _admit(self) -> bool:
+        """Waiting sequences into free slots. A new batch (none live) is the oldest waiting sequence's group:
+        every waiting sequence of that group joins, wherever it stands in the queue. A running batch takes
+        more of its group only while no other group waits; otherwise it drains and that group runs next."""
         admitted = False
+        forming, group = not self.live, _NO_GROUP
         while len(self.live) < self.slots:
             with self.lock:
                 if not self.waiting:
                     break
-                if self.live and self.waiting[0].group != self._group:
-                    break  # another group's turn comes when this batch has drained
-                seq = self.waiting.popleft()
+                if forming:
+                    group = self.waiting[0].group if group is _NO_GROUP else group
+                    seq = next((s for s in self.waiting if s.group == group), None)
+                    if seq is None:
+                        break
+                elif any(s.group != self._group for s in self.waiting):
+                    break  # another group waits: this batch drains, then that group's turn
+                else:
+                    seq = self.waiting[0]
+                self.waiting.remove(seq)
             if seq.cancelled:
                 self._end(seq, "cancelled")
                 continue
