@@ -6,8 +6,9 @@ Starts `llama-lora serve` on a loopback port (one process, as a user runs it), t
 chat requests with the official `openai` client, each asking for exactly `--tokens` greedy tokens (the demo
 prompts' topics differ; `max_tokens` with no early stop is forced by a stop token the model never reaches
 being absent: requests that end early are counted as they are), first one after another, then all at once.
-Reports for each side: the wall time, completion tokens per second, and the median and 95th-percentile time
-to first token. The ratio concurrent/serial of tokens per second is the figure issue 29 asks for (>= 8x, p95
+Reports for each side: the wall time, completion tokens per second, the median and 95th-percentile time to
+first token, and the CPU seconds the clients (this process) and the server used meanwhile (on one machine
+they share its cores). The ratio concurrent/serial of tokens per second is the figure issue 29 asks for (>= 8x, p95
 time to first token under 5 s).
 """
 
@@ -99,7 +100,22 @@ def ask(client, model: str, topic: str, tokens: int) -> tuple[float, float, int]
     return (first if first is not None else time.monotonic() - start), time.monotonic() - start, count
 
 
-def side(url: str, model: str, clients: int, tokens: int, concurrent: bool) -> dict:
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system) used so far by this process (the clients) or by process `pid` (the
+    server, read from /proc; None where there is no /proc)."""
+    import resource
+
+    if pid is None:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        return used.ru_utime + used.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def side(url: str, model: str, clients: int, tokens: int, concurrent: bool, server_pid: int) -> dict:
     import openai
 
     results: list[tuple[float, float, int]] = [None] * clients  # type: ignore[list-item]
@@ -108,7 +124,7 @@ def side(url: str, model: str, clients: int, tokens: int, concurrent: bool) -> d
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
         results[i] = ask(client, model, TOPICS[i % len(TOPICS)], tokens)
 
-    start = time.monotonic()
+    start, client_before, server_before = time.monotonic(), cpu_seconds(), cpu_seconds(server_pid)
     if concurrent:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
         for t in threads:
@@ -119,6 +135,8 @@ def side(url: str, model: str, clients: int, tokens: int, concurrent: bool) -> d
         for i in range(clients):
             one(i)
     wall = time.monotonic() - start
+    client_cpu, server_after = cpu_seconds() - client_before, cpu_seconds(server_pid)
+    server_cpu = None if server_after is None or server_before is None else server_after - server_before
     ttft = sorted(r[0] for r in results)
     total = sum(r[2] for r in results)
     return {
@@ -127,6 +145,9 @@ def side(url: str, model: str, clients: int, tokens: int, concurrent: bool) -> d
         "tokens_per_s": round(total / wall, 1),
         "ttft_p50_s": round(statistics.median(ttft), 2),
         "ttft_p95_s": round(ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))], 2),
+        # CPU seconds over the wall time: the clients (this process, the openai client) and the server
+        "client_cpu_s": round(client_cpu, 2),
+        "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
     }
 
 
@@ -150,8 +171,8 @@ def main() -> None:
         # a run directory's adapter when one is served (what its user asks for), else the base
         model = next((m.id for m in listed if getattr(m, "parent", None)), listed[0].id)
         ask(openai.OpenAI(base_url=url, api_key="unused"), model, "warm-up", 8)
-        serial = side(url, model, args.clients, args.tokens, concurrent=False)
-        together = side(url, model, args.clients, args.tokens, concurrent=True)
+        serial = side(url, model, args.clients, args.tokens, concurrent=False, server_pid=proc.pid)
+        together = side(url, model, args.clients, args.tokens, concurrent=True, server_pid=proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)

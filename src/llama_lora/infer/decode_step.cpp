@@ -169,5 +169,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("kv_heads", &Step::kv_heads)
       .def_readwrite("dim", &Step::dim)
       .def_readwrite("intermediate", &Step::intermediate)
-      .def("run", &Step::run);
+      // without the GIL: a server's other threads (HTTP, streaming) run during the step
+      .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -172,6 +172,16 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="llama-lora-engine", daemon=True)
             self._thread.start()
 
+    def run_here(self, until: Callable[[], bool]) -> None:
+        """Drive the engine from the calling thread until `until()` is true (checked at least every 0.5 s).
+        serve runs it in the main thread: there torch's parallel kernels run at full rate, in another thread
+        at about two thirds of it (bench/RESULTS.md)."""
+        self._thread = threading.current_thread()
+        try:
+            self._loop(until)
+        finally:
+            self._thread = None
+
     def stop(self) -> None:
         self._stopping = True
         self.wake.set()
@@ -179,8 +189,8 @@ class Engine:
             self._thread.join()
             self._thread = None
 
-    def _loop(self) -> None:
-        while not self._stopping:
+    def _loop(self, until: Callable[[], bool] | None = None) -> None:
+        while not self._stopping and not (until is not None and until()):
             try:
                 busy = self.step()
             except Exception as exc:  # one failing step must not take every later request down

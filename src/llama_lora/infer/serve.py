@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -302,4 +304,13 @@ def serve(
     updates = "; adapters may be loaded and unloaded" if allow_adapter_updates else ""
     decoding = next(iter(served.values())).loaded.precision
     log(f"serving {', '.join(served)} on http://{host}:{port}/v1 ({auth}; {decoding}{updates}); Ctrl-C stops")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # HTTP in a thread, the engine in the main thread (torch's kernels run slower in any other thread); the
+    # main thread takes the signals: Ctrl-C or SIGTERM ends the server gracefully, a second Ctrl-C at once
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    http = threading.Thread(target=server.run, name="llama-lora-http", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    worker.run(list(served.values()), until=lambda: not http.is_alive())
+    if not server.started:  # uvicorn said why on stderr
+        raise ServeError(f"serve: the HTTP server did not start on {host}:{port}")

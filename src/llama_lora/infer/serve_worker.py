@@ -56,7 +56,7 @@ class Worker:
         self.lock = threading.Lock()
 
     def engine_for(self, served: Served) -> Engine:
-        """The one engine (every served name shares one model), made and started on first use."""
+        """The one engine (every served name shares one model), made on first use; `run` drives it."""
         with self.lock:
             if self.engine is None:
                 loaded = served.loaded
@@ -70,12 +70,15 @@ class Worker:
                     log=self.log,
                     precision=loaded.precision,
                 )
-                self.engine.start()
             return self.engine
 
+    def run(self, served: list[Served], until: Callable[[], bool]) -> None:
+        """Drive the engine from this thread (serve's main thread: Engine.run_here) until `until()`."""
+        self.engine_for(served[0]).run_here(until)
+
     def prepare(self, served: list[Served]) -> None:
-        """Start the engine and make each served name's bf16 decoder now (in bf16; nothing in float32), so
-        that no first request waits for one."""
+        """Make the engine and each served name's bf16 decoder now (in bf16; nothing in float32), so that no
+        first request waits for one (before `run`: the calls run here and now)."""
         engine = self.engine_for(served[0])
         for future in [engine.call(lambda s=s: engine.prepare(s.adapter)) for s in served]:
             future.result()
