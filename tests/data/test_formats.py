@@ -8,7 +8,7 @@ import json
 import pytest
 
 from llama_lora.config import DataConfig, load_config
-from llama_lora.data import encoding, formats, templates
+from llama_lora.data import encoding, formats, placeholders, templates
 from llama_lora.errors import ConfigError, DataError
 from llama_lora.infer import generate, loading
 from tests.conftest import cli_in_process, tiny_overrides
@@ -203,13 +203,13 @@ def test_placeholders_are_counted_warned_and_filled(tokenizer):
         {"instruction": "Your name?", "input": "", "output": "{{name}}. {{name}}!"},
         {"instruction": "Hi", "input": "", "output": "Hello."},
     ]
-    assert formats.placeholders(rows) == {"name": 2, "author": 1}
-    (warning,) = formats.placeholder_warnings(rows, {}, "id.json")
+    assert placeholders.placeholders(rows) == {"name": 2, "author": 1}
+    (warning,) = placeholders.placeholder_warnings(rows, {}, "id.json")
     assert "{{name}} in 2 of 3 rows" in warning and "data.fill.name=" in warning and "author" not in warning
-    assert formats.placeholder_warnings(rows, {"name": "Quokka"}, "id.json") == []
+    assert placeholders.placeholder_warnings(rows, {"name": "Quokka"}, "id.json") == []
     assert (
         "no row of id.json holds {{nme}}"
-        in formats.placeholder_warnings(rows, {"name": "Q", "nme": "x"}, "id.json")[0]
+        in placeholders.placeholder_warnings(rows, {"name": "Q", "nme": "x"}, "id.json")[0]
     )
     examples, _ = encoding.prepare(
         rows, tokenizer, DataConfig(fill={"name": "Quokka", "author": "Acme"}), "chat"
@@ -282,3 +282,87 @@ def test_native_tool_template_trains_the_tiny_model(tiny_model_dir, tmp_path):
     code, _, err = cli_in_process("train", *overrides)
     assert code == 0, err
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# LLaMA-Factory v1's messages: content as typed parts under `value` (not OpenAI's `text`), a loss_weight each
+V1_ROW = {
+    "messages": [
+        {"role": "system", "content": [{"type": "text", "value": "Be brief."}], "loss_weight": 0.0},
+        {
+            "role": "user",
+            "content": [{"type": "text", "value": "Weather in "}, {"type": "text", "value": "Paris?"}],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "reasoning", "value": "The user wants the weather; call the tool."},
+                {"type": "tool_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            ],
+            "loss_weight": 1.0,
+        },
+        {"role": "tool", "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": [{"type": "text", "value": "Draft."}], "loss_weight": 0.0},
+        {"role": "user", "content": [{"type": "text", "text": "Again?"}]},  # OpenAI's key, in the same row
+        {"role": "assistant", "content": [{"type": "text", "value": "21 degrees."}], "loss_weight": 1.0},
+    ]
+}
+
+
+def test_typed_content_parts_render_their_text_reasoning_and_tool_calls():
+    msgs = formats.to_messages(V1_ROW, formats.detect_format(V1_ROW))
+    assert [m["role"] for m in msgs] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    assert msgs[0]["content"] == "Be brief." and msgs[1]["content"] == "Weather in Paris?"
+    assert msgs[2]["content"] == "<think>\nThe user wants the weather; call the tool.\n</think>\n\n"
+    assert msgs[2]["tool_calls"] == formats.to_messages(SHAREGPT_TOOLS, "tools")[1]["tool_calls"]
+    assert msgs[4] == {"role": "assistant", "content": "Draft.", "trained": False}  # loss_weight 0
+    assert msgs[5]["content"] == "Again?" and msgs[6]["content"] == "21 degrees." and "trained" not in msgs[6]
+
+
+def test_a_turn_masked_by_loss_weight_is_not_trained_and_the_others_are(tokenizer):
+    msgs = formats.to_messages(V1_ROW, "tools")
+    trained = _trained(
+        templates.render_segments(msgs, tokenizer, "chat", [{"type": "function", "function": WEATHER}])
+    )
+    assert any("The user wants the weather" in t and "<tool_call>" in t for t in trained)
+    assert "21 degrees.<|im_end|>" in trained and not any("Draft." in t for t in trained)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (
+            [{"type": "image_url", "image_url": {"url": "x"}}],
+            "content part type 'image_url' is not supported",
+        ),
+        ([{"type": "text", "content": "hello"}], "a text part without a 'text' or 'value' string"),
+        ([{"type": "text", "text": "", "value": "hello"}], "renders empty though its source has text"),
+        ({"parts": ["hello"]}, "content is an object, not text or a list of parts"),
+    ],
+)
+def test_a_part_that_would_render_empty_or_is_unknown_is_an_error(content, words):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]}
+    with pytest.raises(ValueError, match=words):
+        formats.to_messages(row, "messages")
+
+
+def test_a_v1_file_trains_on_its_text_and_names_a_bad_part_in_one_line(tiny_model_dir, tmp_path):
+    """The defect this guards: every turn rendered empty, each row training only its end-of-turn token."""
+    rows = [V1_ROW] * 6
+    source = tmp_path / "v1.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=tiny_overrides(tiny_model_dir, source, tmp_path / "run"))
+    tokenizer = loading.load(base=str(tiny_model_dir), device="cpu", log=lambda *a: None).tokenizer
+    examples, stats = encoding.prepare(rows, tokenizer, cfg.data, "chat")
+    answer = len(tokenizer("21 degrees.", add_special_tokens=False).input_ids)
+    assert stats.kept == 6 and all(sum(label != IGNORE for label in e.labels) > answer + 10 for e in examples)
+    bad = [*rows, {"messages": [{"role": "user", "content": [{"type": "audio", "value": "x"}]}]}]
+    with pytest.raises(DataError, match=r"1 of 7 rows .*row 6: content part type 'audio' is not supported"):
+        encoding.prepare(bad, tokenizer, cfg.data, "chat")

@@ -147,6 +147,14 @@ def test_rows_with_every_label_masked_are_flagged(tiny_model_dir, tmp_path):
     assert report.counts["train"]["dropped_no_labels"] == 1 and report.counts["train"]["kept"] == 1
 
 
+def test_examples_that_train_next_to_nothing_are_flagged(tiny_model_dir, tmp_path):
+    """An empty answer trains only its end-of-turn token: what a file whose turns render empty looks like."""
+    empty = {**SHORT, "output": ""}
+    report = _report(tiny_model_dir, tmp_path, [SHORT, empty, empty])
+    assert _kinds(report) == {"thin"}
+    assert "2 examples of 3 train 2 tokens or fewer (first: example 1)" in report.warnings[0]["message"]
+
+
 def test_a_doubled_bos_is_flagged(tiny_model_dir, tokenizer, tmp_path):
     bos = tokenizer.bos_token
     rows = [{"text": f"{bos}{bos}a story"}, {"text": f"{bos}another story"}]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llama_lora.config import Config
-from llama_lora.data import encoding, formats, pairs, sources, templates
+from llama_lora.data import encoding, pairs, placeholders, sources, templates
 from llama_lora.errors import DataError
 
 
@@ -42,7 +42,7 @@ def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | N
     notes = [f"train data: {tstats.summary()}"]
     if eval_rows:
         notes.append(f"eval data: {estats.summary()}")
-    notes += formats.placeholder_warnings(train_rows + eval_rows, cfg.data.fill, cfg.data.source)
+    notes += placeholders.placeholder_warnings(train_rows + eval_rows, cfg.data.fill, cfg.data.source)
     skipped = len(tstats.bad_rows) + len(estats.bad_rows)
     return Dataset(
         train_ex, eval_ex, template, len(train_rows), len(eval_rows), notes, skipped, tstats, estats

@@ -13,10 +13,10 @@ from typing import Any
 from llama_lora.data import formats
 from llama_lora.data.formats import (
     detect_format,
-    fill_placeholders,
     reference_answer,
     to_messages,
 )
+from llama_lora.data.placeholders import fill_placeholders
 from llama_lora.data.sources import _reason
 from llama_lora.data.templates import render_segments
 from llama_lora.errors import DataError

@@ -1,5 +1,5 @@
-"""Row formats: tell a row's format, turn the row into chat messages, read tool schemas and tool calls,
-find and fill `{{name}}` placeholders.
+"""Row formats: tell a row's format, turn the row into chat messages (content given as a string or as typed
+parts), read tool schemas and tool calls. `{{name}}` placeholders: placeholders.py.
 
 Formats (`data.format`): `alpaca`, `messages` (OpenAI `role/content` or ShareGPT `from/value`), `tools`
 (messages with tool calls: ShareGPT `function_call`/`observation` turns with a `tools` JSON string, or
@@ -16,7 +16,6 @@ rendering of `plain_tool_messages` instead (docs/data.md).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +104,59 @@ def detect_format(row: dict[str, Any]) -> str:
 
 
 def _text(value: Any) -> str:
+    """A field's text: a string as it is, a list of content parts as their text parts joined (`_parts`)."""
     if value is None:
         return ""
-    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
+    if isinstance(value, list):
+        text, _, _ = _parts(value)
+        return text
     return str(value)
+
+
+PART_TYPES = ("text", "reasoning", "tool_call")
+
+
+def _parts(parts: list[Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """(text, reasoning, tool calls) of a message's content given as a list of typed parts: OpenAI's
+    `{"type": "text", "text": ...}` or LLaMA-Factory v1's `{"type": "text" | "reasoning" | "tool_call",
+    "value": ...}` (plain strings count as text). Text parts join in order, reasoning parts too; a tool_call
+    part holds `{"name", "arguments"}` (an object or its JSON). Raises ValueError on any other part."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, str):
+            text.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise ValueError(f"a content part is neither a string nor an object: {part!r:.60}")
+        kind = part.get("type", "text")
+        body = next((part[k] for k in ("text", "value", kind) if part.get(k) is not None), None)
+        if kind == "tool_call":
+            calls.extend(_calls(body))
+        elif kind not in ("text", "reasoning", "thinking"):
+            raise ValueError(f"content part type {kind!r} is not supported ({', '.join(PART_TYPES)})")
+        elif not isinstance(body, str):
+            raise ValueError(f"a {kind} part without a 'text' or 'value' string: {part!r:.80}")
+        else:
+            (text if kind == "text" else reasoning).append(body)
+    return "".join(text), "\n".join(reasoning), calls
+
+
+def with_reasoning(text: str, reasoning: str) -> str:
+    """An assistant turn's reasoning before its answer, as a `<think>` block (docs/data.md)."""
+    return f"<think>\n{reasoning}\n</think>\n\n{text}" if reasoning else text
+
+
+def _has_text(value: Any) -> bool:
+    """Whether a message's content holds any non-blank string, however it is nested."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list):
+        return any(_has_text(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_text(v) for k, v in value.items() if k != "type")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -238,70 +285,10 @@ def plain_tool_messages(messages: list[Message], tools: list[dict[str, Any]] | N
             else:
                 out.append({"role": "user", "content": result, "tool_result": True})
         elif m["role"] == "assistant" and m.get("tool_calls"):
-            out.append({"role": "assistant", "content": assistant_text(m)})
+            out.append({"role": "assistant", "content": assistant_text(m), "trained": m.get("trained", True)})
         else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return [{"role": m["role"], "content": m["content"]} for m in out]
-
-
-# ---------------------------------------------------------------------------------------- placeholders
-
-
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}")
-
-
-def _strings(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
-def placeholders(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Template placeholders such as `{{name}}` left in the rows: name -> number of rows holding it."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        for name in {m for s in _strings(row) for m in PLACEHOLDER.findall(s)}:
-            counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def fill_placeholders(row: Any, fill: dict[str, str]) -> Any:
-    """`row` with every `{{name}}` named in `fill` replaced by its value (other placeholders kept)."""
-    if not fill:
-        return row
-    if isinstance(row, str):
-        return PLACEHOLDER.sub(lambda m: fill.get(m.group(1), m.group(0)), row)
-    if isinstance(row, dict):
-        return {k: fill_placeholders(v, fill) for k, v in row.items()}
-    if isinstance(row, list):
-        return [fill_placeholders(v, fill) for v in row]
-    return row
-
-
-def placeholder_warnings(rows: list[dict[str, Any]], fill: dict[str, str], where: str) -> list[str]:
-    """Warnings for `{{name}}` placeholders that `data.fill` leaves in many rows (at least 2 and 5%),
-    and for `data.fill` names that no row holds."""
-    found = placeholders(rows)
-    least = max(2, len(rows) // 20)
-    left = {name: n for name, n in found.items() if name not in fill and n >= least}
-    warnings = []
-    if left:
-        counts = ", ".join(f"{{{{{name}}}}} in {n} of {len(rows)} rows" for name, n in left.items())
-        keys = " ".join(f"data.fill.{name}=..." for name in left)
-        warnings.append(
-            f"warning: {where}: placeholders left in the rows ({counts}) would be trained as written; "
-            f"fill them with {keys}"
-        )
-    unused = [name for name in fill if name not in found]
-    if unused:
-        names = ", ".join(f"{{{{{name}}}}}" for name in unused)
-        warnings.append(f"warning: data.fill: no row of {where} holds {names}")
-    return warnings
+            out.append({"role": m["role"], "content": m["content"], "trained": m.get("trained", True)})
+    return [{k: m[k] for k in ("role", "content", "trained") if k in m} for m in out]
 
 
 # -------------------------------------------------------------------------------------------- messages
@@ -317,7 +304,11 @@ def _conversation(row: dict[str, Any]) -> list[Message]:
             raise ValueError(f"bad message {m!r:.80}")
         role = m.get("role", m.get("from"))
         content = m.get("content", m.get("value"))
-        if role in _CALL_ROLES or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+        text, reasoning, part_calls = _parts(content) if isinstance(content, list) else (None, "", [])
+        if role in _ROLES and _ROLES[role] == "assistant" and (reasoning or part_calls):
+            msg = {"role": "assistant", "content": with_reasoning(text or "", reasoning)}
+            msgs.append({**msg, "tool_calls": part_calls} if part_calls else msg)
+        elif role in _CALL_ROLES or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
             calls = (
                 _calls(content) if role in _CALL_ROLES else _calls(m.get("tool_calls") or m["function_call"])
             )
@@ -331,9 +322,24 @@ def _conversation(row: dict[str, Any]) -> list[Message]:
             msg.update({k: m[k] for k in ("tool_call_id", "name") if m.get(k)})
             msgs.append(msg)
         elif role in _ROLES and content is not None:
+            if isinstance(content, dict):
+                raise ValueError(
+                    f"a {role} message's content is an object, not text or a list of parts: {content!r:.80}"
+                )
             msgs.append({"role": _ROLES[role], "content": _text(content)})
         else:
             raise ValueError(f"bad message {m!r:.80}")
+        rendered = msgs[-1]
+        if not rendered["content"].strip() and not rendered.get("tool_calls") and _has_text(content):
+            raise ValueError(
+                f"a {rendered['role']} turn renders empty though its source has text: {content!r:.80}"
+            )
+        if (
+            rendered["role"] == "assistant"
+            and m.get("loss_weight") is not None
+            and not float(m["loss_weight"])
+        ):
+            rendered["trained"] = False  # LLaMA-Factory v1: loss_weight 0 masks the turn
     return msgs
 
 

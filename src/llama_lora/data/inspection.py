@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_lora.config import Config
-from llama_lora.data import encoding, formats, sources, templates
+from llama_lora.data import encoding, placeholders, sources, templates
 
 MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « »: trained text where there is no colour
 
@@ -86,6 +86,9 @@ def _n(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
+THIN = 2  # trained tokens at or below which an example trains little more than its end-of-turn token
+
+
 def _warning(kind: str, message: str) -> dict[str, str]:
     return {"kind": kind, "message": message}
 
@@ -93,7 +96,8 @@ def _warning(kind: str, message: str) -> dict[str, str]:
 def split_warnings(
     split: str, examples: list[encoding.Example], stats: encoding.PrepareStats, tokenizer, max_length: int
 ) -> list[dict[str, str]]:
-    """Labels masked away, responses cut by `max_length`, a doubled BOS token, in one split."""
+    """Labels masked away, responses cut by `max_length`, examples that train next to nothing, a doubled BOS
+    token, in one split."""
     found = []
     if stats.dropped_no_labels:
         found.append(
@@ -110,6 +114,15 @@ def split_warnings(
                 f"{split}: {stats.truncated} of {_n(stats.rows, 'row')} cut at data.max_length={max_length}; the rest "
                 "of their response and its end-of-turn token are not trained (raise data.max_length, or set "
                 "data.truncation: drop)",
+            )
+        )
+    thin = [i for i, e in enumerate(examples) if trained_tokens(e) <= THIN]
+    if thin:
+        found.append(
+            _warning(
+                "thin",
+                f"{split}: {_n(len(thin), 'example')} of {len(examples)} train {THIN} tokens or fewer (first: example "
+                f"{thin[0]}): little more than an end-of-turn token; are their responses empty?",
             )
         )
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -140,7 +153,7 @@ def eos_warning(examples: list[encoding.Example], tokenizer) -> dict[str, str] |
 
 def placeholder_warnings(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, str]]:
     """The placeholder warnings `train` logs: `{{name}}` left unfilled in many rows, `data.fill` names unused."""
-    found = formats.placeholder_warnings(rows, cfg.data.fill, cfg.data.source)
+    found = placeholders.placeholder_warnings(rows, cfg.data.fill, cfg.data.source)
     return [_warning("placeholder", message.removeprefix("warning: ")) for message in found]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llama_lora.data import encoding, formats, sources, templates
+from llama_lora.data import encoding, formats, placeholders, sources, templates
 from llama_lora.data.formats import Message
 from llama_lora.errors import DataError
 
@@ -160,7 +160,7 @@ def prepare_pairs(
                 f"{where}: row {index} is {kind}; KTO is not supported by train.objective dpo/orpo, "
                 "which need chosen/rejected pairs"
             )
-        row = formats.fill_placeholders(row, dcfg.fill)
+        row = placeholders.fill_placeholders(row, dcfg.fill)
         try:
             prompt, chosen, rejected = pair_messages(row, dcfg.system_prompt)
             tools = formats.row_tools(row) or None

@@ -143,11 +143,12 @@ def render_segments(
                 )
             content_end = start + len(msg["content"])
             closing = _closing_token(tokenizer, reply[content_end:])
+        trained = msg.get("trained", True)  # False: a turn the data masks (loss_weight 0)
         if closing:
-            segments.append((reply[: content_end + len(closing)], True))
+            segments.append((reply[: content_end + len(closing)], trained))
             done = len(prefix) + content_end + len(closing)
         else:  # the template does not close the turn: add EOS ourselves so the model learns to stop
-            segments.append((reply[:content_end] + eos, True))
+            segments.append((reply[:content_end] + eos, trained))
             done = len(prefix) + content_end
             full = full[:done] + eos + full[done:]
             done += len(eos)
