@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama_lora.config import DataConfig
+from llama_lora.data import formats
 from llama_lora.data.encoding import IGNORE
 from llama_lora.data.pairs import PairExample, pair_messages, prepare_pairs
 from llama_lora.errors import DataError
@@ -89,6 +90,80 @@ SHAREGPT_2_TURNS = {
 )
 def test_row_forms_give_prompt_chosen_and_rejected(row, prompt, chosen, rejected):
     assert pair_messages(row) == (prompt, bot(chosen), bot(rejected))
+
+
+def _v1(*turns):
+    return [
+        {"role": r, "content": [{"type": "text", "value": t}], "loss_weight": float(r == "assistant")}
+        for r, t in turns
+    ]
+
+
+OTHER_PROJECTS = [  # (row, prompt, chosen, rejected): three-line inputs in each project's own form
+    (  # LLaMA-Factory v1: whole conversations on each side, typed parts, loss_weight per message
+        {
+            "chosen_messages": _v1(("system", "Be brief."), ("user", "q"), ("assistant", "good")),
+            "rejected_messages": _v1(("system", "Be brief."), ("user", "q"), ("assistant", " bad")),
+        },
+        [system("Be brief."), user("q")],
+        "good",
+        " bad",
+    ),
+    (  # OpenAI's preference fine-tuning format
+        {
+            "input": {"messages": [user("q")], "tools": [], "parallel_tool_calls": True},
+            "preferred_output": [bot("good")],
+            "non_preferred_output": [bot("bad")],
+        },
+        [user("q")],
+        "good",
+        "bad",
+    ),
+    (  # Anthropic HH-RLHF: two whole transcripts, no prompt; tags count only after a blank line
+        {
+            "chosen": "\n\nHuman: Hi Assistant: there\n\nAssistant: Hello.\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+            "rejected": "\n\nHuman: Hi Assistant: there\n\nAssistant: Hello.\n\nHuman: Name a colour.\n\nAssistant: No.",
+        },
+        [user("Hi Assistant: there"), bot("Hello."), user("Name a colour.")],
+        "Blue.",
+        "No.",
+    ),
+]
+
+
+@pytest.mark.parametrize("row, prompt, chosen, rejected", OTHER_PROJECTS)
+def test_other_projects_pair_forms(row, prompt, chosen, rejected):
+    assert pair_messages(row) == (prompt, bot(chosen), bot(rejected))
+    assert formats.preference_kind(row) is not None  # sft refuses them, pointing to dpo
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant:"},
+            "no 'rejected'",
+        ),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
+            "differ before",
+        ),
+        (
+            {
+                "chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: more",
+                "rejected": "\n\nHuman: q\n\nAssistant: b",
+            },
+            "does not end on an Assistant",
+        ),
+        (
+            {"input": {}, "preferred_output": [bot("a")], "non_preferred_output": [bot("b")]},
+            "no 'input.messages'",
+        ),
+    ],
+)
+def test_bad_pairs_of_other_projects_forms_say_why(row, reason):
+    with pytest.raises(ValueError, match=reason):
+        pair_messages(row)
 
 
 def test_system_prompt_fills_in_only_where_the_row_has_none():

@@ -21,6 +21,8 @@ EXPECTED = {
     "glaive_toolcall_en_demo.json": None,
     "identity.json": None,
     "kto_en_demo.json": "KTO data",
+    "llamafactory_v1_dpo_demo.jsonl": f"preference pairs (LLaMA-Factory v1: chosen_messages/rejected_messages) (row 0); {PREFERENCE}",
+    "mlx_lm_pr417_dpo_train.jsonl": f"preference pairs (prompt/chosen/rejected) (row 0); {PREFERENCE}",
     "mlx_wikisql_train.jsonl": None,
     "mlx_wikisql_valid.jsonl": None,
     "wiki_demo.txt": None,
@@ -70,6 +72,24 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
         assert code == 2 and len(lines) == 1, err
         assert EXPECTED[name] in lines[0] and name in lines[0]
         assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", ["llamafactory_v1_dpo_demo.jsonl", "mlx_lm_pr417_dpo_train.jsonl"])
+def test_pair_files_of_other_projects_train_with_objective_dpo(tiny_model_dir, tmp_path, name):
+    """LLaMA-Factory v1's whole-conversation pairs (typed parts, loss_weight) and mlx-lm's explicit-prompt
+    pairs (10 rows, no final newline) train every row with DPO."""
+    import json
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        THIRD_PARTY / name,
+        out,
+        **{"train.objective": "dpo", "data.eval_fraction": 0, "data.max_length": 1024, "train.max_steps": 1},
+    )
+    code, _, err = cli_in_process("train", *overrides)
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["train_examples"] == 10
 
 
 def test_the_dpo_pairs_train_with_objective_dpo(tiny_model_dir, tmp_path):

@@ -44,6 +44,19 @@ def test_dpo_starts_at_log_2_and_logs_rewards(tiny_model_dir, pairs_file, tmp_pa
     assert summary["objective"] == "dpo" and summary["train_examples"] == 16
 
 
+def test_dpo_trains_on_each_other_projects_pair_form(tiny_model_dir, tmp_path):
+    """LLaMA-Factory v1, OpenAI's preference format and HH-RLHF rows (tests/data/test_pairs.py) train."""
+    from tests.data.test_pairs import OTHER_PROJECTS
+
+    for i, (row, *_) in enumerate(OTHER_PROJECTS):
+        data = tmp_path / f"pairs{i}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for _ in range(10)))
+        out = tmp_path / f"run{i}"
+        _train(tiny_model_dir, data, out, **{"train.objective": "dpo", "train.max_steps": 2})
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["objective"] == "dpo" and summary["train_examples"] == 8, row
+
+
 def test_orpo_trains_without_a_reference(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "orpo"
     _train(tiny_model_dir, pairs_file, out, **{"train.objective": "orpo"})

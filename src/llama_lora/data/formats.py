@@ -46,7 +46,13 @@ def _turns(row: dict[str, Any]) -> Any:
 def preference_kind(row: dict[str, Any]) -> str | None:
     """What kind of preference data `row` is (None for rows with one response to learn)."""
     keys = _present(row)
+    if {"chosen_messages", "rejected_messages"} & keys:
+        return "preference pairs (LLaMA-Factory v1: chosen_messages/rejected_messages)"
+    if {"preferred_output", "non_preferred_output"} & keys:
+        return "preference pairs (OpenAI: input/preferred_output/non_preferred_output)"
     if {"chosen", "rejected"} <= keys:
+        if isinstance(row["chosen"], str) and row["chosen"].startswith("\n\nHuman:") and "prompt" not in keys:
+            return "preference pairs (HH-RLHF transcripts)"
         if "conversations" in keys or "messages" in keys:
             return "preference pairs (ShareGPT: conversations + chosen/rejected)"
         if isinstance(row["chosen"], list):

@@ -7,7 +7,11 @@ Row forms (the first that fits):
 - ShareGPT (LLaMA-Factory) or OpenAI messages: `conversations`/`messages` ending on a user turn, with
   `chosen`/`rejected` as single `{from, value}` / `{role, content}` objects (or strings);
 - TRL implicit prompt: `chosen`/`rejected` are whole conversations; their common leading messages are the
-  prompt and the final assistant message of each is the response.
+  prompt and the final assistant message of each is the response (LLaMA-Factory v1's `chosen_messages` /
+  `rejected_messages` too);
+- OpenAI's preference fine-tuning format: `input.messages`, `preferred_output`, `non_preferred_output`;
+- HH-RLHF: `chosen`/`rejected` whole `\n\nHuman: ...\n\nAssistant: ...` transcripts, split at the last
+  Assistant turn (an empty answer on either side is a bad pair).
 
 A top-level `system` string (or `data.system_prompt` when the row has none) opens the prompt, as in
 `formats.to_messages`. Only the final response of each side is trained: earlier assistant turns of a
@@ -17,6 +21,7 @@ token ids exactly, so the prompt cancels out of the DPO log-ratios.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +87,63 @@ def _implicit(chosen: Any, rejected: Any) -> tuple[list[Message], Message, Messa
     return c[:n], _response([c[-1]], "chosen", []), _response([r[-1]], "rejected", [])
 
 
+HH_TAG = re.compile(r"\n\n(Human|Assistant):")  # a speaker tag counts only after a blank line
+
+
+def _hh_turns(transcript: str, what: str) -> tuple[list[Message], str]:
+    """An HH-RLHF transcript (`\n\nHuman: ...\n\nAssistant: ...`) -> (the turns before its last Assistant
+    turn, that turn's text)."""
+    pieces = HH_TAG.split(transcript)
+    if pieces[0].strip():
+        raise ValueError(f"'{what}' has text before its first '\\n\\nHuman:' tag")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[tag], "content": text.strip()} for tag, text in zip(pieces[1::2], pieces[2::2])]
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ValueError(f"'{what}' does not end on an Assistant turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _normalized(row: dict[str, Any]) -> dict[str, Any]:
+    """The other projects' pair forms as the forms below take them: LLaMA-Factory v1's `chosen_messages` /
+    `rejected_messages` (whole conversations: the implicit-prompt form), OpenAI's preference format
+    (`input.messages`, `preferred_output`, `non_preferred_output`) and HH-RLHF transcripts (no prompt: split
+    at the last `\n\nAssistant:`, the two prefixes identical)."""
+    if "chosen_messages" in row or "rejected_messages" in row:
+        return {
+            "chosen": row.get("chosen_messages"),
+            "rejected": row.get("rejected_messages"),
+            "system": row.get("system"),
+        }
+    if "preferred_output" in row or "non_preferred_output" in row:
+        given = row.get("input")
+        turns = given.get("messages") if isinstance(given, dict) else None
+        if not turns:
+            raise ValueError("no 'input.messages' before 'preferred_output'")
+        return {
+            "messages": turns,
+            "chosen": row.get("preferred_output"),
+            "rejected": row.get("non_preferred_output"),
+        }
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if (
+        row.get("prompt") is None
+        and isinstance(chosen, str)
+        and isinstance(rejected, str)
+        and HH_TAG.match(chosen)
+    ):
+        (prompt, good), (prompt_r, bad) = _hh_turns(chosen, "chosen"), _hh_turns(rejected, "rejected")
+        if prompt != prompt_r:
+            raise ValueError("the two HH-RLHF transcripts differ before their last Assistant turn")
+        return {"messages": prompt, "chosen": good, "rejected": bad}
+    return row
+
+
 def pair_messages(
     row: dict[str, Any], system_prompt: str | None = None
 ) -> tuple[list[Message], Message, Message]:
     """(prompt messages, chosen assistant message, rejected assistant message) of one preference row.
     Raises ValueError with a short reason for a row that is not a usable pair."""
+    row = _normalized(row)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if chosen is None and rejected is None:
         raise ValueError("not a preference pair (no 'chosen'/'rejected' fields)")
