@@ -54,7 +54,9 @@ class DataConfig(Section):
     """`auto` = the tokenizer's chat template when it has one, else alpaca."""
     system_prompt: str | None = None
     max_length: int = Field(1024, ge=16)
-    truncation: Literal["truncate", "drop"] = "truncate"
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Rows longer than max_length: `truncate` cuts them (a pair's prompt from the left, answers from the
+    right; docs/data.md), `drop` drops them, `error` makes them bad rows (stop, or skip_bad_rows)."""
     train_on_prompt: bool = False
     eval_split: str | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)

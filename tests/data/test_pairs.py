@@ -232,27 +232,27 @@ def test_long_responses_are_cut_at_their_tails(tokenizer):
     assert stats.kept == 0 and stats.dropped_too_long == 1
 
 
-def test_every_dpo_demo_row_prepares_or_has_no_room_for_its_answers(tokenizer):
+def _prompt(ex):
+    return ex.input_ids[: next(i for i, label in enumerate(ex.labels) if label != IGNORE)]
+
+
+def test_dpo_demo_prompts_too_long_are_cut_from_the_left_and_every_pair_kept(tokenizer):
+    """LLaMA-Factory's dpo_en_demo.json at max_length 384: 124 of its 300 rows used to be refused; now each
+    long prompt loses its beginning (its end, next to the answers, is kept) and every pair trains."""
     rows = json.loads(DPO_DEMO.read_text())
-    with pytest.raises(
-        DataError, match=r"^dpo: 43 of 300 rows .*first: row 15: the prompt \(1049 tokens\) leaves no room"
-    ):
-        prepare_pairs(rows, tokenizer, DataConfig(max_length=1024), "chat", where="dpo")
-    pairs, stats = prepare_pairs(rows, tokenizer, DataConfig(max_length=1024, skip_bad_rows=True), "chat")
-    assert stats.rows == 300 and stats.kept == len(pairs) == 257 and len(stats.bad_rows) == 43
-    assert all("leaves no room for the answers within max_length 1024" in b for b in stats.bad_rows)
-    skipped = {int(b.split(":")[0].removeprefix("row ")) for b in stats.bad_rows}
-    # exactly the rows whose prompt alone (as the template renders it for generation) fills max_length
-    long = set()
-    for index, row in enumerate(rows):
-        text = tokenizer.apply_chat_template(
-            pair_messages(row)[0], tokenize=False, add_generation_prompt=True
-        )
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 1024:
-            long.add(index)
-    assert skipped == long
-    assert all(len(p.chosen) <= 1024 and len(p.rejected) <= 1024 and trained_ids(p.chosen) for p in pairs)
-    assert all(trained_ids(p.rejected) for p in pairs)
+    pairs, stats = prepare_pairs(rows, tokenizer, DataConfig(max_length=384), "chat", where="dpo")
+    assert stats.rows == stats.kept == len(pairs) == 300 and not stats.bad_rows
+    assert stats.prompts_cut > 100 and "prompts cut from the left" in stats.summary()
+    assert all(len(p.chosen) <= 384 and len(p.rejected) <= 384 for p in pairs)
+    assert all(trained_ids(p.chosen) and trained_ids(p.rejected) for p in pairs)
+    whole, _ = prepare_pairs(rows, tokenizer, DataConfig(max_length=100_000), "chat")
+    cut = [(p, w) for p, w in zip(pairs, whole) if len(_prompt(p.chosen)) < len(_prompt(w.chosen))]
+    assert len(cut) == stats.prompts_cut
+    for p, w in cut:  # the end of the prompt kept, both sides alike, at least half of max_length
+        kept = _prompt(p.chosen)
+        assert kept == _prompt(w.chosen)[-len(kept) :] == _prompt(p.rejected) and len(kept) >= 192
+    with pytest.raises(DataError, match=r"^dpo: \d+ of 300 rows .*tokens, longer than max_length 384"):
+        prepare_pairs(rows, tokenizer, DataConfig(max_length=384, truncation="error"), "chat", where="dpo")
 
 
 def test_bad_rows_stop_in_one_line_unless_skipped(tokenizer):
@@ -266,13 +266,14 @@ def test_bad_rows_stop_in_one_line_unless_skipped(tokenizer):
     with pytest.raises(DataError) as caught:
         prepare_pairs(rows, tokenizer, DataConfig(max_length=64), "chat", where="prefs.json")
     message = str(caught.value)
-    assert "\n" not in message and message.startswith("prefs.json: 4 of 5 rows")
+    assert "\n" not in message and message.startswith("prefs.json: 3 of 5 rows")
     assert "first: row 1: no 'rejected' response" in message and "skip_bad_rows" in message
     pairs, stats = prepare_pairs(rows, tokenizer, DataConfig(max_length=64, skip_bad_rows=True), "chat")
-    assert len(pairs) == stats.kept == 1 and stats.rows == 5
-    assert [b.split(":")[0] for b in stats.bad_rows] == ["row 1", "row 2", "row 3", "row 4"]
-    assert "leaves no room for the answers within max_length 64" in stats.bad_rows[2]
-    assert isinstance(pairs[0], PairExample)
+    assert len(pairs) == stats.kept == 2 and stats.rows == 5 and stats.prompts_cut == 1  # row 3: prompt cut
+    assert [b.split(":")[0] for b in stats.bad_rows] == ["row 1", "row 2", "row 4"]
+    assert all(isinstance(p, PairExample) and len(p.chosen) <= 64 for p in pairs)
+    strict = DataConfig(max_length=64, skip_bad_rows=True, truncation="error")  # the long prompt refused
+    assert "row 3: " in prepare_pairs(rows, tokenizer, strict, "chat")[1].bad_rows[2]
 
 
 def test_kto_rows_are_refused_in_one_line(tokenizer):

@@ -93,8 +93,8 @@ def test_pair_files_of_other_projects_train_with_objective_dpo(tiny_model_dir, t
 
 
 def test_the_dpo_pairs_train_with_objective_dpo(tiny_model_dir, tmp_path):
-    """LLaMA-Factory's ShareGPT pairs (system turns, multi-turn prompts) through DPO; prompts too long for
-    max_length are bad rows, skipped and counted with data.skip_bad_rows."""
+    """LLaMA-Factory's ShareGPT pairs (system turns, multi-turn prompts) through DPO at max_length 384:
+    prompts too long are cut from the left, and every pair trains."""
     import json
 
     out = tmp_path / "run"
@@ -106,8 +106,7 @@ def test_the_dpo_pairs_train_with_objective_dpo(tiny_model_dir, tmp_path):
             "train.objective": "dpo",
             "data.max_rows": 24,
             "data.eval_fraction": 0,
-            "data.max_length": 512,
-            "data.skip_bad_rows": True,
+            "data.max_length": 384,
             "train.max_steps": 2,
             "train.batch_size": 2,
         },
@@ -115,5 +114,5 @@ def test_the_dpo_pairs_train_with_objective_dpo(tiny_model_dir, tmp_path):
     code, _, err = cli_in_process("train", *overrides)
     assert code == 0, err
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["objective"] == "dpo" and summary["train_examples"] + summary["skipped_bad_rows"] == 24
-    assert summary["skipped_bad_rows"] > 0 and "leaves no room" in err
+    assert summary["objective"] == "dpo" and summary["train_examples"] == 24
+    assert summary["skipped_bad_rows"] == 0 and "prompts cut from the left to fit max_length" in err

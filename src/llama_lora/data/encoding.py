@@ -62,6 +62,7 @@ class PrepareStats:
     rows: int = 0
     kept: int = 0
     truncated: int = 0
+    prompts_cut: int = 0  # pairs whose prompt was cut from the left to fit max_length
     dropped_too_long: int = 0
     dropped_no_labels: int = 0
     bad_rows: list[str] = field(default_factory=list)
@@ -69,6 +70,8 @@ class PrepareStats:
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.rows} rows kept"]
+        if self.prompts_cut:
+            parts.append(f"{self.prompts_cut} prompts cut from the left to fit max_length")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.dropped_too_long:
@@ -118,6 +121,9 @@ def prepare(
         except Exception as exc:
             raise DataError(f"{where}: row {index}: cannot be tokenized ({_reason(exc)})") from None
         cut = len(ex) > dcfg.max_length
+        if cut and dcfg.truncation == "error":
+            stats.bad_rows.append(f"row {index}: {len(ex)} tokens, longer than max_length {dcfg.max_length}")
+            continue
         if cut:
             if dcfg.truncation == "drop":
                 stats.dropped_too_long += 1
