@@ -140,8 +140,13 @@ def test_prepare_truncates_or_drops_and_counts(tokenizer):
     kept, stats = encoding.prepare(
         rows, tokenizer, DataConfig(max_length=64, truncation="truncate"), "alpaca"
     )
-    # truncating the long row cuts off its whole response, so it is dropped as unlearnable
-    assert (stats.truncated, stats.dropped_no_labels, stats.kept) == (1, 1, 1)
+    # the long row's prompt loses its beginning, so its answer still fits and trains
+    assert (stats.prompts_cut, stats.truncated, stats.dropped_no_labels, stats.kept) == (1, 0, 0, 2)
+    long = kept[0]
+    assert len(long) == 64 and tokenizer.decode(
+        [i for i, label in zip(long.input_ids, long.labels) if label != -100]
+    ).startswith("y")
+    assert "1 prompts cut from the left" in stats.summary()
     kept, stats = encoding.prepare(rows, tokenizer, DataConfig(max_length=64, truncation="drop"), "alpaca")
     assert (stats.dropped_too_long, stats.kept) == (1, 1)
     assert len(kept[0]) <= 64

@@ -141,9 +141,21 @@ def test_an_end_of_turn_never_trained_is_flagged(tiny_model_dir, tmp_path):
     assert END in next(w["message"] for w in report.warnings if w["kind"] == "eos_never_trained")
 
 
-def test_rows_with_every_label_masked_are_flagged(tiny_model_dir, tmp_path):
+def test_a_long_prompt_loses_its_beginning_and_keeps_its_answer(tiny_model_dir, tmp_path):
     report = _report(tiny_model_dir, tmp_path, [SHORT, LONG_PROMPT])
-    assert _kinds(report) == {"all_masked", "truncated"}
+    assert _kinds(report) == set() and report.counts["train"]["kept"] == 2
+    assert report.examples[1]["tokens"] == 16 and report.examples[1]["segments"][-1]["text"].startswith("x")
+
+
+def test_rows_with_every_label_masked_are_flagged(tiny_model_dir, tmp_path):
+    masked = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yes.", "loss_weight": 0},
+        ]
+    }
+    report = _report(tiny_model_dir, tmp_path, [SHORT, masked])
+    assert _kinds(report) == {"all_masked"}
     assert report.counts["train"]["dropped_no_labels"] == 1 and report.counts["train"]["kept"] == 1
 
 
@@ -152,7 +164,10 @@ def test_examples_that_train_next_to_nothing_are_flagged(tiny_model_dir, tmp_pat
     empty = {**SHORT, "output": ""}
     report = _report(tiny_model_dir, tmp_path, [SHORT, empty, empty])
     assert _kinds(report) == {"thin"}
-    assert "2 examples of 3 train 2 tokens or fewer (first: example 1)" in report.warnings[0]["message"]
+    assert (
+        "2 examples of 3 train nothing but end-of-turn tokens (first: example 1)"
+        in report.warnings[0]["message"]
+    )
 
 
 def test_a_doubled_bos_is_flagged(tiny_model_dir, tokenizer, tmp_path):

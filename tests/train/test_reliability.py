@@ -291,11 +291,20 @@ def test_dataset_empty_after_filtering_exits_2(tmp_path, tiny_model_dir, alpaca_
     assert not out.exists()
 
 
-def test_every_label_masked_refuses_to_train(tmp_path, tiny_model_dir, alpaca_file, monkeypatch, capsys):
-    """max_length shorter than the prompts: truncation cuts off every response, so nothing could be learned."""
+def test_every_label_masked_refuses_to_train(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Every assistant turn masked (loss_weight 0): nothing could be learned."""
+    import json
+
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yes.", "loss_weight": 0},
+        ]
+    }
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
     out = tmp_path / "run"
-    args = tiny_overrides(tiny_model_dir, alpaca_file, out, **{"data.max_length": 16})
-    code, stderr = cli(monkeypatch, capsys, "train", *args)
+    code, stderr = cli(monkeypatch, capsys, "train", *tiny_overrides(tiny_model_dir, data, out))
     assert_one_line_error(
         code, stderr, "rows.jsonl", "every label would be masked", "no response tokens left"
     )

@@ -35,9 +35,13 @@ def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | N
     train_ex, tstats = prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
     eval_ex, estats = prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
     if not train_ex:
+        why = (
+            "raise data.max_length, or set data.truncation: truncate"
+            if tstats.dropped_too_long
+            else "every label would be masked (no row has a response token left to train), so nothing could be learned"
+        )
         raise DataError(
-            f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); "
-            "every label would be masked, so nothing could be learned. Raise data.max_length?"
+            f"{cfg.data.source}: no training rows left after filtering ({tstats.summary()}); {why}"
         )
     notes = [f"train data: {tstats.summary()}"]
     if eval_rows:

@@ -57,12 +57,29 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, train_on_prompt: bool 
     return Example(ids, labels)
 
 
+def fit_prompt(examples: list[Example], prompt: int, limit: int, tokenizer) -> tuple[list[Example], int]:
+    """Examples sharing their first `prompt` tokens (one SFT row, or a pair's two sides), longer than
+    `limit`: the prompt cut from the left (its end kept, a tokenizer-added BOS kept first) so that the
+    longest answer fits, keeping at least half of `limit` for the prompt where it has that many tokens, as
+    TRL's keep-end truncation does; the caller then cuts the answers' tails. (examples, prompt tokens kept)."""
+    answer = max(len(ex) for ex in examples) - prompt
+    keep = min(prompt, max(limit - answer, limit // 2))
+    if keep == prompt:
+        return examples, prompt
+    head = 1 if _adds_bos(tokenizer) else 0
+    start = head + prompt - keep
+    return [
+        Example(ex.input_ids[:head] + ex.input_ids[start:], ex.labels[:head] + ex.labels[start:])
+        for ex in examples
+    ], keep
+
+
 @dataclass
 class PrepareStats:
     rows: int = 0
     kept: int = 0
     truncated: int = 0
-    prompts_cut: int = 0  # pairs whose prompt was cut from the left to fit max_length
+    prompts_cut: int = 0  # rows (or pairs) whose prompt was cut from the left to fit max_length
     dropped_too_long: int = 0
     dropped_no_labels: int = 0
     bad_rows: list[str] = field(default_factory=list)
@@ -120,25 +137,40 @@ def prepare(
             ex = tokenize(segments, tokenizer, dcfg.train_on_prompt)
         except Exception as exc:
             raise DataError(f"{where}: row {index}: cannot be tokenized ({_reason(exc)})") from None
-        cut = len(ex) > dcfg.max_length
-        if cut and dcfg.truncation == "error":
-            stats.bad_rows.append(f"row {index}: {len(ex)} tokens, longer than max_length {dcfg.max_length}")
+        ex = _within_max_length(ex, index, dcfg, tokenizer, stats)
+        if ex is None:
             continue
-        if cut:
-            if dcfg.truncation == "drop":
-                stats.dropped_too_long += 1
-                continue
-            ex = Example(ex.input_ids[: dcfg.max_length], ex.labels[: dcfg.max_length])
-            stats.truncated += 1
         if all(label == IGNORE for label in ex.labels[1:]):
             stats.dropped_no_labels += 1
             continue
-        if cut:
+        if len(stats.truncated_examples) < stats.truncated:  # this one's answer was cut
             stats.truncated_examples.append(len(examples))
         examples.append(ex)
     stats.kept = len(examples)
     refuse_bad_rows(stats, dcfg, where, "lack required fields")
     return examples, stats
+
+
+def _within_max_length(ex: Example, index: int, dcfg, tokenizer, stats: PrepareStats) -> Example | None:
+    """`ex` fitted to `dcfg.max_length` as `dcfg.truncation` says (docs/config.md), counted in `stats`; None
+    when it is dropped or a bad row."""
+    limit = dcfg.max_length
+    if len(ex) <= limit:
+        return ex
+    if dcfg.truncation == "error":
+        stats.bad_rows.append(f"row {index}: {len(ex)} tokens, longer than max_length {limit}")
+        return None
+    if dcfg.truncation == "drop":
+        stats.dropped_too_long += 1
+        return None
+    first = next((i for i, label in enumerate(ex.labels) if label != IGNORE), len(ex))
+    if first < len(ex):  # the prompt's beginning goes first, then the answer's tail
+        (ex,), kept = fit_prompt([ex], first, limit, tokenizer)
+        stats.prompts_cut += kept < first
+    if len(ex) > limit:
+        ex = Example(ex.input_ids[:limit], ex.labels[:limit])
+        stats.truncated += 1
+    return ex
 
 
 def refuse_bad_rows(stats: PrepareStats, dcfg, where: str, what: str) -> None:

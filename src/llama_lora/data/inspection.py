@@ -25,6 +25,10 @@ def _trained_flags(example: encoding.Example) -> list[bool]:
     return [i > 0 and label != encoding.IGNORE for i, label in enumerate(example.labels)]
 
 
+def _trained_ids(example: encoding.Example) -> list[int]:
+    return [t for t, trained in zip(example.input_ids, _trained_flags(example), strict=True) if trained]
+
+
 def trained_tokens(example: encoding.Example) -> int:
     """Tokens the loss is taken on (as `train` counts them)."""
     return sum(_trained_flags(example))
@@ -86,9 +90,6 @@ def _n(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
-THIN = 2  # trained tokens at or below which an example trains little more than its end-of-turn token
-
-
 def _warning(kind: str, message: str) -> dict[str, str]:
     return {"kind": kind, "message": message}
 
@@ -116,13 +117,14 @@ def split_warnings(
                 "data.truncation: drop)",
             )
         )
-    thin = [i for i, e in enumerate(examples) if trained_tokens(e) <= THIN]
+    stops = set(templates.stop_token_ids(tokenizer))
+    thin = [i for i, e in enumerate(examples) if all(t in stops for t in _trained_ids(e))]
     if thin:
         found.append(
             _warning(
                 "thin",
-                f"{split}: {_n(len(thin), 'example')} of {len(examples)} train {THIN} tokens or fewer (first: example "
-                f"{thin[0]}): little more than an end-of-turn token; are their responses empty?",
+                f"{split}: {_n(len(thin), 'example')} of {len(examples)} train nothing but end-of-turn tokens "
+                f"(first: example {thin[0]}): are their responses empty?",
             )
         )
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -196,31 +196,12 @@ def _cut(ex: encoding.Example, n: int) -> encoding.Example:
     return encoding.Example(ex.input_ids[:n], ex.labels[:n])
 
 
-def _fit_prompt(
-    sides: list[encoding.Example], prompt: int, limit: int, tokenizer
-) -> tuple[list[encoding.Example], int]:
-    """The shared prompt cut from the left (its end kept, and a leading BOS) so that the longer answer fits
-    within `limit`, keeping at least half of `limit` for the prompt where it has that many tokens (the
-    answers are then cut from the right, as TRL's keep-end prompt truncation does); (sides, prompt tokens
-    kept)."""
-    answer = max(len(ex) for ex in sides) - prompt
-    keep = min(prompt, max(limit - answer, limit // 2))
-    if keep == prompt:
-        return sides, prompt
-    head = 1 if encoding._adds_bos(tokenizer) else 0  # a BOS the tokenizer puts first stays first
-    start = head + prompt - keep
-    return [
-        encoding.Example(ex.input_ids[:head] + ex.input_ids[start:], ex.labels[:head] + ex.labels[start:])
-        for ex in sides
-    ], keep
-
-
 def prepare_pairs(
     rows: list[dict[str, Any]], tokenizer, dcfg, template: str, where: str = "data"
 ) -> tuple[list[PairExample], encoding.PrepareStats]:
     """Rows -> tokenized pairs, as `encoding.prepare` does for single responses.
 
-    A pair longer than `dcfg.max_length` has its prompt cut from the left (`_fit_prompt`) and its answers
+    A pair longer than `dcfg.max_length` has its prompt cut from the left (`encoding.fit_prompt`) and its answers
     from the right; with `truncation: drop` it is dropped, with `truncation: error` it is a bad row. Bad rows are a DataError naming the first
     one and their count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats.
     KTO rows are a DataError: they hold one response each, not a pair."""
@@ -264,7 +245,7 @@ def prepare_pairs(
                 stats.bad_rows.append(f"row {index}: {longest} tokens, longer than max_length {limit}")
             continue
         if longest > limit:
-            sides, kept = _fit_prompt(sides, starts[0], limit, tokenizer)
+            sides, kept = encoding.fit_prompt(sides, starts[0], limit, tokenizer)
             if kept < starts[0]:
                 stats.prompts_cut += 1
             if any(len(ex) > limit for ex in sides):

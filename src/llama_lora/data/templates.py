@@ -116,7 +116,8 @@ def render_segments(
     if template == "alpaca":  # one trained response: the last one
         answer = reference_answer(messages)
         prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
-        return [(prompt, False)] + ([(answer + eos, True)] if answer is not None else [])
+        trained = messages[-1].get("trained", True)  # False: the data masks it (loss_weight 0)
+        return [(prompt, False)] + ([(answer + eos, trained)] if answer is not None else [])
 
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of the final text already placed in segments
