@@ -58,6 +58,8 @@ class DataConfig(Section):
     """Rows longer than max_length: `truncate` cuts them (a pair's prompt from the left, answers from the
     right; docs/data.md), `drop` drops them, `error` makes them bad rows (stop, or skip_bad_rows)."""
     train_on_prompt: bool = False
+    train_on_reasoning: bool = True
+    """False: an assistant turn's reasoning (its `<think>` block from reasoning parts) is shown, not trained."""
     eval_split: str | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_rows: int | None = Field(None, gt=0)

@@ -335,6 +335,31 @@ def test_a_turn_masked_by_loss_weight_is_not_trained_and_the_others_are(tokenize
     assert "21 degrees.<|im_end|>" in trained and not any("Draft." in t for t in trained)
 
 
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_reasoning_is_shown_but_not_trained_with_train_on_reasoning_false(tokenizer, template):
+    row = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "value": "Add them."}, {"type": "text", "value": "4."}],
+            },
+        ]
+    }
+    msgs = formats.to_messages(row, "messages")
+    shown = templates.render_segments(msgs, tokenizer, template)
+    hidden = templates.render_segments(msgs, tokenizer, template, train_on_reasoning=False)
+    assert "".join(t for t, _ in shown) == "".join(t for t, _ in hidden)  # the same text either way
+    assert any("Add them." in t and "4." in t for t in _trained(shown))
+    assert not any("Add them." in t for t in _trained(hidden)) and "Add them." in _masked(hidden)
+    assert _trained(hidden) == ["4." + tokenizer.eos_token]
+    (example,), _ = encoding.prepare([row], tokenizer, DataConfig(train_on_reasoning=False), template)
+    assert (
+        tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE])
+        == _trained(hidden)[0]
+    )
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [

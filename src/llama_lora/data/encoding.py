@@ -122,7 +122,7 @@ def prepare(
             if row_fmt != "text" and reference_answer(messages) is None:
                 raise ValueError("no response to train on")
             tools = formats.row_tools(row) if row_fmt in ("messages", "tools") else None
-            segments = render_segments(messages, tokenizer, template, tools)
+            segments = render_segments(messages, tokenizer, template, tools, dcfg.train_on_reasoning)
         except TemplateError as exc:  # e.g. a template that allows one tool call per turn
             stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
             continue

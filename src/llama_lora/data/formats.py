@@ -291,10 +291,17 @@ def plain_tool_messages(messages: list[Message], tools: list[dict[str, Any]] | N
             else:
                 out.append({"role": "user", "content": result, "tool_result": True})
         elif m["role"] == "assistant" and m.get("tool_calls"):
-            out.append({"role": "assistant", "content": assistant_text(m), "trained": m.get("trained", True)})
+            out.append({**_marks(m), "role": "assistant", "content": assistant_text(m)})
         else:
-            out.append({"role": m["role"], "content": m["content"], "trained": m.get("trained", True)})
-    return [{k: m[k] for k in ("role", "content", "trained") if k in m} for m in out]
+            out.append({**_marks(m), "role": m["role"], "content": m["content"]})
+    return [{k: m[k] for k in ("role", "content", *MARKS) if k in m} for m in out]
+
+
+MARKS = ("trained", "reasoning")  # what a message carries for render_segments besides role and content
+
+
+def _marks(msg: Message) -> Message:
+    return {k: msg[k] for k in MARKS if k in msg}
 
 
 # -------------------------------------------------------------------------------------------- messages
@@ -313,6 +320,8 @@ def _conversation(row: dict[str, Any]) -> list[Message]:
         text, reasoning, part_calls = _parts(content) if isinstance(content, list) else (None, "", [])
         if role in _ROLES and _ROLES[role] == "assistant" and (reasoning or part_calls):
             msg = {"role": "assistant", "content": with_reasoning(text or "", reasoning)}
+            if reasoning:  # the <think> block, which data.train_on_reasoning: false leaves untrained
+                msg["reasoning"] = with_reasoning("", reasoning)
             msgs.append({**msg, "tool_calls": part_calls} if part_calls else msg)
         elif role in _CALL_ROLES or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
             calls = (

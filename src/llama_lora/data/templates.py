@@ -101,23 +101,24 @@ def _turn_end(tokenizer, reply: str) -> tuple[int, str]:
 
 
 def render_segments(
-    messages: list[Message], tokenizer, template: str, tools: list[dict[str, Any]] | None = None
+    messages: list[Message],
+    tokenizer,
+    template: str,
+    tools: list[dict[str, Any]] | None = None,
+    train_on_reasoning: bool = True,
 ) -> list[tuple[str, bool]]:
     """Rendered text as (piece, trainable) segments; trainable = an assistant response and its end token.
 
     Every response ends with the end-of-turn/EOS token, and that token is trainable, so the model learns
     to stop. Text after it (such as a template's newline) is not. Tool calls are assistant turns and are
     trained; tool results, like system and user turns, are not. `tools` are the conversation's tool schemas.
-    """
+    Masked turns and, with `train_on_reasoning` False, reasoning blocks are not trained (`_answer`)."""
     eos = tokenizer.eos_token or ""
     if messages and messages[0]["role"] == "text":
         return [(messages[0]["content"] + eos, True)]
     messages, tools = for_template(messages, tools, tokenizer, template)
-    if template == "alpaca":  # one trained response: the last one
-        answer = reference_answer(messages)
-        prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
-        trained = messages[-1].get("trained", True)  # False: the data masks it (loss_weight 0)
-        return [(prompt, False)] + ([(answer + eos, trained)] if answer is not None else [])
+    if template == "alpaca":
+        return _alpaca_segments(messages, eos, train_on_reasoning)
 
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of the final text already placed in segments
@@ -144,20 +145,42 @@ def render_segments(
                 )
             content_end = start + len(msg["content"])
             closing = _closing_token(tokenizer, reply[content_end:])
-        trained = msg.get("trained", True)  # False: a turn the data masks (loss_weight 0)
         if closing:
-            segments.append((reply[: content_end + len(closing)], trained))
-            done = len(prefix) + content_end + len(closing)
+            turn = reply[: content_end + len(closing)]
+            done = len(prefix) + len(turn)
         else:  # the template does not close the turn: add EOS ourselves so the model learns to stop
-            segments.append((reply[:content_end] + eos, trained))
+            turn = reply[:content_end] + eos
             done = len(prefix) + content_end
             full = full[:done] + eos + full[done:]
             done += len(eos)
+        segments += _answer(msg, turn, content_end, train_on_reasoning)
     if not segments:  # no assistant message: a prompt for generation
         return [(_apply_chat(tokenizer, messages, True, tools), False)]
     if full[done:]:
         segments.append((full[done:], False))
     return [(text, train) for text, train in segments if text]
+
+
+def _alpaca_segments(messages: list[Message], eos: str, train_on_reasoning: bool) -> list[tuple[str, bool]]:
+    """The alpaca template's segments: one trained response, the last one."""
+    answer = reference_answer(messages)
+    prompt = alpaca_prompt(messages[:-1] if answer is not None else messages)
+    if answer is None:
+        return [(prompt, False)]
+    return [(prompt, False), *_answer(messages[-1], answer + eos, len(answer), train_on_reasoning)]
+
+
+def _answer(msg: Message, turn: str, content_end: int, train_on_reasoning: bool) -> list[tuple[str, bool]]:
+    """An assistant turn's rendered text (its end-of-turn token included) as segments: trained unless the
+    data masks it (`trained: False`, loss_weight 0); its reasoning block (`reasoning`, within the first
+    `content_end` characters) shown but not trained when `train_on_reasoning` is False."""
+    trained = msg.get("trained", True)
+    think = "" if train_on_reasoning else msg.get("reasoning", "")
+    at = turn.find(think) if think else -1
+    if at == -1 or at + len(think) > content_end:
+        return [(turn, trained)]
+    cut = at + len(think)
+    return [(turn[:cut], False), (turn[cut:], trained)]
 
 
 def prompt_text(
