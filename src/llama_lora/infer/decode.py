@@ -31,7 +31,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Bf16Decoder", "unsupported"]
+__all__ = ["Bf16Decoder", "decoder_for", "unsupported"]
 
 FAMILIES = ("llama", "qwen2", "mistral")  # decoder layers of exactly this shape (no q/k norms)
 
@@ -95,6 +95,11 @@ def unsupported(model) -> str | None:
             if _weight(proj) is None:
                 return "an active adapter of a kind that cannot be folded into the weights"
     return None
+
+
+def decoder_for(model) -> Bf16Decoder | None:
+    """A `Bf16Decoder` of the model as it runs now, or None where `unsupported` says it cannot run it."""
+    return Bf16Decoder(model) if unsupported(model) is None else None
 
 
 class _Projection:

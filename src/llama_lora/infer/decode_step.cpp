@@ -23,19 +23,6 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   return b.numel() ? at::linear(x, w, b) : at::linear(x, w);
 }
 
-// x * rsqrt(mean(x^2) + eps) * w, rounded to bf16 (RMSNorm as transformers' Llama computes it in float32)
-void norm_bf16(const float* x, const float* w, float eps, int64_t n, BFloat16* out) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
-  float ss = 0.f;
-  for (int j = 0; j < 16; ++j) ss += acc[j];
-  for (; i < n; ++i) ss += x[i] * x[i];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (i = 0; i < n; ++i) out[i] = BFloat16(x[i] * r * w[i]);
-}
-
 float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {0};
   int64_t i = 0;
@@ -47,12 +34,20 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// x * rsqrt(mean(x^2) + eps) * w, rounded to bf16 (RMSNorm as transformers' Llama computes it in float32)
+void norm_bf16(const float* x, const float* w, float eps, int64_t n, BFloat16* out) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = BFloat16(x[i] * r * w[i]);
+}
+
 // t * cos + roll(t, dim/2) * sin, where sin's first half is negated (decode.py's `_signed`): rotate_half
 void rotate(float* t, const float* cos, const float* sin, int64_t dim) {
   const int64_t half = dim / 2;
-  std::vector<float> was(t, t + dim);
-  for (int64_t d = 0; d < half; ++d) t[d] = was[d] * cos[d] + was[d + half] * sin[d];
-  for (int64_t d = half; d < dim; ++d) t[d] = was[d] * cos[d] + was[d - half] * sin[d];
+  for (int64_t d = 0; d < half; ++d) {  // each pair (d, d + half) rotates together: no copy of t needed
+    const float a = t[d], b = t[d + half];
+    t[d] = a * cos[d] + b * sin[d];
+    t[d + half] = b * cos[d + half] + a * sin[d + half];
+  }
 }
 
 struct Step {

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama_lora.infer.decode import Bf16Decoder, unsupported
+from llama_lora.infer.decode import Bf16Decoder, decoder_for
 from llama_lora.infer.sampling import Sampling, choose, penalize
 from llama_lora.infer.slot_cache import SlotCache
 
@@ -301,7 +301,7 @@ class Engine:
         if self.precision != "bf16":
             return None
         if self._group not in self._decoders:
-            self._decoders[self._group] = Bf16Decoder(self.model) if unsupported(self.model) is None else None
+            self._decoders[self._group] = decoder_for(self.model)
         return self._decoders[self._group]
 
     def prepare(self, group: str | None) -> None:
@@ -309,7 +309,7 @@ class Engine:
         engine's thread (`call`), where no group is selected."""
         if self.precision == "bf16" and group not in self._decoders:
             with self.select(group) if self.select is not None else contextlib.nullcontext():
-                self._decoders[group] = Bf16Decoder(self.model) if unsupported(self.model) is None else None
+                self._decoders[group] = decoder_for(self.model)
 
     def forget(self, group: str | None) -> None:
         """Drop `group`'s bf16 decoder (its adapter was removed); call from the engine's thread (`call`)."""

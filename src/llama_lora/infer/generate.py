@@ -173,11 +173,11 @@ def generate_ids(
 def _engine(loaded: Loaded, slots: int, context: int | None):
     """An engine over `loaded`'s model; in bf16 it decodes with `loaded.decoder`, made here the first time and
     reused by later calls (infer's rows, chat's turns) while the weights stay as they are."""
-    from llama_lora.infer.decode import Bf16Decoder, unsupported
+    from llama_lora.infer.decode import decoder_for
     from llama_lora.infer.engine import Engine
 
-    if loaded.precision == "bf16" and loaded.decoder is None and unsupported(loaded.model) is None:
-        loaded.decoder = Bf16Decoder(loaded.model)
+    if loaded.precision == "bf16" and loaded.decoder is None:
+        loaded.decoder = decoder_for(loaded.model)
     return Engine(
         loaded.model,
         loaded.stop_ids,
