@@ -51,7 +51,7 @@ def preference_kind(row: dict[str, Any]) -> str | None:
     if {"preferred_output", "non_preferred_output"} & keys:
         return "preference pairs (OpenAI: input/preferred_output/non_preferred_output)"
     if {"chosen", "rejected"} <= keys:
-        if isinstance(row["chosen"], str) and row["chosen"].startswith("\n\nHuman:") and "prompt" not in keys:
+        if hh_transcripts(row):
             return "preference pairs (HH-RLHF transcripts)"
         if "conversations" in keys or "messages" in keys:
             return "preference pairs (ShareGPT: conversations + chosen/rejected)"
@@ -61,6 +61,12 @@ def preference_kind(row: dict[str, Any]) -> str | None:
     if isinstance(row.get("label"), bool) or isinstance(row.get("kto_tag"), bool):
         return "KTO data (messages with a boolean desirable/undesirable label)"
     return None
+
+
+def hh_transcripts(row: dict[str, Any]) -> bool:
+    """Whether `row` is an HH-RLHF pair: `chosen` and `rejected` whole `\n\nHuman: ...` transcripts, no prompt."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    return prompt is None and isinstance(rejected, str) and str(chosen).startswith("\n\nHuman:")
 
 
 def refuse_preference(kind: str, where: str, index: int | None = None) -> DataError:
@@ -341,7 +347,7 @@ def _conversation(row: dict[str, Any]) -> list[Message]:
                 raise ValueError(
                     f"a {role} message's content is an object, not text or a list of parts: {content!r:.80}"
                 )
-            msgs.append({"role": _ROLES[role], "content": _text(content)})
+            msgs.append({"role": _ROLES[role], "content": _text(content) if text is None else text})
         else:
             raise ValueError(f"bad message {m!r:.80}")
         rendered = msgs[-1]

@@ -124,13 +124,8 @@ def _normalized(row: dict[str, Any]) -> dict[str, Any]:
             "chosen": row.get("preferred_output"),
             "rejected": row.get("non_preferred_output"),
         }
-    chosen, rejected = row.get("chosen"), row.get("rejected")
-    if (
-        row.get("prompt") is None
-        and isinstance(chosen, str)
-        and isinstance(rejected, str)
-        and HH_TAG.match(chosen)
-    ):
+    if formats.hh_transcripts(row):
+        chosen, rejected = row["chosen"], row["rejected"]
         (prompt, good), (prompt_r, bad) = _hh_turns(chosen, "chosen"), _hh_turns(rejected, "rejected")
         if prompt != prompt_r:
             raise ValueError("the two HH-RLHF transcripts differ before their last Assistant turn")
