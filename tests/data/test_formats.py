@@ -8,7 +8,7 @@ import json
 import pytest
 
 from llama_lora.config import DataConfig, load_config
-from llama_lora.data import encoding, formats, placeholders, templates
+from llama_lora.data import encoding, formats, placeholders, templates, tool_calls
 from llama_lora.errors import ConfigError, DataError
 from llama_lora.infer import generate, loading
 from tests.conftest import cli_in_process, tiny_overrides
@@ -87,18 +87,18 @@ def test_sharegpt_and_openai_tool_calls_become_the_same_messages():
         {"role": "assistant", "content": "It is 21 degrees in Paris."},
     ]
     assert openai[1]["tool_calls"] == [{**call, "id": "call_1"}] and openai[2]["tool_call_id"] == "call_1"
-    assert formats.row_tools(SHAREGPT_TOOLS) == formats.row_tools(OPENAI_TOOLS)
+    assert tool_calls.row_tools(SHAREGPT_TOOLS) == tool_calls.row_tools(OPENAI_TOOLS)
 
 
 def test_parse_tools_takes_openai_bare_and_json_string_forms():
     openai = [{"type": "function", "function": WEATHER}]
-    assert formats.parse_tools(openai) == openai
-    assert formats.parse_tools([WEATHER]) == openai
-    assert formats.parse_tools(json.dumps([WEATHER])) == openai
-    assert formats.parse_tools(json.dumps(json.dumps([WEATHER]))) == openai  # encoded twice
-    assert formats.parse_tools("[]") == formats.parse_tools(None) == []
+    assert tool_calls.parse_tools(openai) == openai
+    assert tool_calls.parse_tools([WEATHER]) == openai
+    assert tool_calls.parse_tools(json.dumps([WEATHER])) == openai
+    assert tool_calls.parse_tools(json.dumps(json.dumps([WEATHER]))) == openai  # encoded twice
+    assert tool_calls.parse_tools("[]") == tool_calls.parse_tools(None) == []
     with pytest.raises(ValueError, match="not valid JSON"):
-        formats.parse_tools("[{")
+        tool_calls.parse_tools("[{")
     with pytest.raises(ValueError, match="bad message|needs a name"):
         formats.to_messages({"conversations": [{"from": "function_call", "value": "{}"}]}, "tools")
 
@@ -106,7 +106,7 @@ def test_parse_tools_takes_openai_bare_and_json_string_forms():
 def test_fallback_rendering_trains_calls_and_masks_tool_results(tokenizer):
     assert not templates.supports_tools(tokenizer)  # SmolLM2's template knows no tools
     messages = formats.to_messages(SHAREGPT_TOOLS, "tools")
-    segments = templates.render_segments(messages, tokenizer, "chat", formats.row_tools(SHAREGPT_TOOLS))
+    segments = templates.render_segments(messages, tokenizer, "chat", tool_calls.row_tools(SHAREGPT_TOOLS))
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
     assert _trained(segments) == [call, "It is 21 degrees in Paris.<|im_end|>"]
     prompt = _masked(segments)
@@ -117,7 +117,7 @@ def test_fallback_rendering_trains_calls_and_masks_tool_results(tokenizer):
         formats.to_messages(OPENAI_TOOLS, "tools"), tokenizer, "chat", OPENAI_TOOLS["tools"]
     )
     assert openai == segments  # both formats render alike
-    alpaca = templates.render_segments(messages, tokenizer, "alpaca", formats.row_tools(SHAREGPT_TOOLS))
+    alpaca = templates.render_segments(messages, tokenizer, "alpaca", tool_calls.row_tools(SHAREGPT_TOOLS))
     assert _trained(alpaca) == ["It is 21 degrees in Paris.<|im_end|>"] and "<tool_call>" in alpaca[0][0]
 
 
@@ -126,7 +126,7 @@ def test_native_rendering_passes_tools_to_a_template_that_supports_them(tokenize
     native.chat_template = NATIVE_TEMPLATE
     assert templates.supports_tools(native)
     messages = formats.to_messages(OPENAI_TOOLS, "tools")
-    tools = formats.row_tools(OPENAI_TOOLS)
+    tools = tool_calls.row_tools(OPENAI_TOOLS)
     segments = templates.render_segments(messages, native, "chat", tools)
     assert "".join(t for t, _ in segments) == native.apply_chat_template(
         messages, tools=tools, tokenize=False
@@ -145,7 +145,7 @@ def test_native_rendering_passes_tools_to_a_template_that_supports_them(tokenize
 
 def test_infer_renders_tools_through_the_training_function(tokenizer, tmp_path):
     loaded = loading.Loaded(
-        None, tokenizer, "chat", None, "cpu", "test", tools=formats.parse_tools([WEATHER])
+        None, tokenizer, "chat", None, "cpu", "test", tools=tool_calls.parse_tools([WEATHER])
     )
     question = [{"role": "user", "content": "Weather in Paris?"}]
     segments = templates.render_segments(
@@ -154,10 +154,10 @@ def test_infer_renders_tools_through_the_training_function(tokenizer, tmp_path):
     assert generate.render_prompt(loaded, question) == encoding.tokenize([segments[0]], tokenizer).input_ids
     path = tmp_path / "tools.json"
     path.write_text(json.dumps(json.dumps([WEATHER])))  # ShareGPT's JSON-string form
-    assert formats.load_tools(str(path)) == loaded.tools
+    assert tool_calls.load_tools(str(path)) == loaded.tools
     path.write_text("[]")
     with pytest.raises(DataError, match="holds no tool schemas"):
-        formats.load_tools(str(path))
+        tool_calls.load_tools(str(path))
 
 
 def test_cli_tools_option(tiny_model_dir, tmp_path):
@@ -189,7 +189,7 @@ def test_preference_and_kto_rows_are_refused_in_one_line(tokenizer, row):
     rows = [{"instruction": "a", "input": "", "output": "b"}, row]
     # not even a forced format or skip_bad_rows trains them: a rejected answer is never learned as a good one
     for dcfg in (DataConfig(), DataConfig(format="messages", skip_bad_rows=True)):
-        expect = "KTO training is not available yet" if "label" in row else "train.objective: dpo"
+        expect = "train them with train.objective: kto" if "label" in row else "train.objective: dpo"
         with pytest.raises(DataError, match=expect) as caught:
             encoding.prepare(rows, tokenizer, dcfg, "chat", where="prefs.json")
         message = str(caught.value)

@@ -10,8 +10,9 @@ from rich.console import Console
 
 from llama_lora import cli
 from llama_lora.config import load_config
-from llama_lora.data import dataset, encoding, formats, inspection, sources
+from llama_lora.data import dataset, encoding, formats, inspection, pairs, sources
 from llama_lora.model import loader
+from tests.conftest import cli_in_process, tiny_overrides
 
 END = "<|im_end|>"  # SmolLM2's end-of-turn (and EOS) token
 
@@ -260,3 +261,67 @@ def test_gguf_tokenizer_without_conversion_writes_nothing(tokenizer, tmp_path, m
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Héllo 日本"}], tokenize=False)
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.chat_template == tokenizer.chat_template and loaded.eos_token == tokenizer.eos_token
+
+
+PAIRS = [
+    {"prompt": "Name a colour.", "chosen": "Blue, as the sky.", "rejected": "I will not."},
+    {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "No."},
+]
+
+
+def test_cli_json_shows_both_sides_of_each_pair_under_dpo(tiny_model_dir, tmp_path):
+    source = _write(tmp_path / "pairs.jsonl", PAIRS)
+    overrides = tiny_overrides(
+        tiny_model_dir, source, tmp_path / "run", **{"train.objective": "dpo", "data.eval_fraction": 0}
+    )
+    code, out, err = cli_in_process("data", "inspect", *overrides, "--n", "2", "--json")
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    *records, summary = [json.loads(line) for line in out.splitlines()]
+    assert [(r["index"], r["side"]) for r in records] == [
+        (0, "chosen"),
+        (0, "rejected"),
+        (1, "chosen"),
+        (1, "rejected"),
+    ]
+    for record, pair in zip(
+        records, [side for p in PAIRS for side in (p["chosen"], p["rejected"])], strict=True
+    ):
+        assert [s["text"] for s in record["segments"] if s["trained"]] == [pair + END]
+        assert record["truncated"] is False
+    chosen, rejected = records[0], records[1]
+    assert chosen["segments"][0] == rejected["segments"][0]  # the same prompt, untrained
+    train = summary["summary"]["train"]
+    assert train["kept"] == 2 and train["trained_tokens"] == sum(r["trained_tokens"] for r in records)
+    assert train["tokens"] == sum(r["tokens"] for r in records) and summary["warnings"] == []
+
+
+def test_pair_sides_are_named_in_the_terminal(tiny_model_dir, tmp_path):
+    source = _write(tmp_path / "pairs.jsonl", [{**PAIRS[0], "rejected": ""}, PAIRS[1]])
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        source,
+        tmp_path / "run",
+        **{"train.objective": "dpo", "data.eval_fraction": 0, "data.skip_bad_rows": "true"},
+    )
+    code, out, err = cli_in_process("data", "inspect", *overrides, "--n", "1")
+    assert code == 0, err
+    assert "── example 0 (chosen):" in out and "── example 0 (rejected):" in out
+    assert "\u00abHi there!" + END + "\u00bb" in out and "\u00abNo." + END + "\u00bb" in out
+    assert "train: 2 rows, 1 kept, 1 skipped (1 bad)" in out and "Traceback" not in out + err
+
+
+def test_warnings_look_at_every_side_and_name_it(tokenizer):
+    ids = tokenizer("Q: hi A: yes", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids(END)
+    good = encoding.Example([*ids, end], [encoding.IGNORE] * 3 + [*ids[3:], end])
+    thin = encoding.Example([*ids[:3], end], [encoding.IGNORE] * 3 + [end])  # only its end-of-turn token
+    pair = pairs.PairExample(good, thin)
+    warnings = inspection.split_warnings("train", [pair, pair], encoding.PrepareStats(rows=2), tokenizer, 64)
+    assert [w["kind"] for w in warnings] == ["thin"]
+    assert "2 example sides of 4 train nothing" in warnings[0]["message"]
+    assert "(first: example 0 (rejected))" in warnings[0]["message"]
+    assert inspection.eos_warning([pairs.PairExample(thin, thin)], tokenizer) is None
+    assert inspection.counts(2, [pair], encoding.PrepareStats(rows=2))["trained_tokens"] == (
+        inspection.trained_tokens(good) + inspection.trained_tokens(thin)
+    )

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from llama_lora.config import load_config
-from llama_lora.data import encoding, formats
+from llama_lora.data import encoding, tool_calls
 from llama_lora.infer import generate, loading
 from llama_lora.train.loop import train
 from tests.conftest import cli_in_process, tiny_overrides
@@ -267,7 +267,7 @@ def test_tools_are_rendered_as_training_renders_them(client, expected):
     loaded = expected[1]["fruit"]
     messages = [{"role": "user", "content": PROMPTS[0]}]
     with_tools = generate.render_prompt(
-        dataclasses.replace(loaded, tools=formats.parse_tools(tools)), messages
+        dataclasses.replace(loaded, tools=tool_calls.parse_tools(tools)), messages
     )
     assert with_tools != generate.render_prompt(loaded, messages)
     reply = chat(client, "fruit", PROMPTS[0], tools=tools)

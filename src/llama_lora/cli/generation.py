@@ -59,13 +59,13 @@ def infer(
     precision: GenPrecisionOpt = "auto",
 ) -> None:
     """Generate with a base model, base + adapter, or a merged model. Stops at the end-of-turn token."""
-    from llama_lora.data import formats
+    from llama_lora.data import tool_calls
     from llama_lora.infer import frontends, generate, loading
 
     settings = generation_settings(
         max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed
     )
-    tool_schemas = formats.load_tools(tools) if tools else None
+    tool_schemas = tool_calls.load_tools(tools) if tools else None
     if prompts_file:
         rows = frontends.prompt_rows(prompts_file)
     elif prompt is None:
@@ -120,13 +120,13 @@ def chat(
     precision: GenPrecisionOpt = "auto",
 ) -> None:
     """Interactive multi-turn chat with streaming. Commands: /reset clears the history, /exit quits."""
-    from llama_lora.data import formats
+    from llama_lora.data import tool_calls
     from llama_lora.infer import frontends, loading
 
     settings = generation_settings(
         max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty, seed
     )
-    tool_schemas = formats.load_tools(tools) if tools else None
+    tool_schemas = tool_calls.load_tools(tools) if tools else None
     loaded = loading.load(base=base, adapter=adapter, device=device, log=core.err.print, precision=precision)
     loaded.tools = tool_schemas
     if system:

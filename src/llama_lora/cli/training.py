@@ -73,7 +73,9 @@ def data_inspect(
         typer.Option(
             "--json",
             help="JSON Lines: one object per example (index, tokens, trained_tokens, truncated, segments: "
-            '[{"text", "trained"}]), then one {"summary": counts, "warnings": [{"kind", "message"}]}.',
+            '[{"text", "trained"}]; under dpo/orpo one per side of each pair, with side: chosen or rejected; '
+            "under kto, side: desirable or undesirable), "
+            'then one {"summary": counts, "warnings": [{"kind", "message"}]}.',
         ),
     ] = False,
 ) -> None:

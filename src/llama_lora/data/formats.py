@@ -1,27 +1,26 @@
 """Row formats: tell a row's format, turn the row into chat messages (content given as a string or as typed
-parts), read tool schemas and tool calls. `{{name}}` placeholders: placeholders.py.
+parts). Tool schemas and tool calls: tool_calls.py; `{{name}}` placeholders: placeholders.py.
 
 Formats (`data.format`): `alpaca`, `messages` (OpenAI `role/content` or ShareGPT `from/value`), `tools`
 (messages with tool calls: ShareGPT `function_call`/`observation` turns with a `tools` JSON string, or
 OpenAI assistant `tool_calls` and `tool` messages with a `tools` list), `prompt_completion` and `text`.
-Preference pairs (`chosen`/`rejected`) and KTO rows (a boolean `label`) are recognised only to be refused:
-trained as plain messages they would teach the rejected and undesirable answers too.
+Preference pairs (`chosen`/`rejected`) and KTO rows (a boolean `label`) are recognised here only to be refused
+(pairs.py and kto.py read them): trained as plain messages they would teach the rejected and undesirable
+answers too.
 
 Messages are dicts with `role` and `content`; an assistant message may also hold `tool_calls`
 (`[{"type": "function", "function": {"name", "arguments": {...}}}]`, the form chat templates take), and
 a tool result is `{"role": "tool", "content": ...}`. Templates without tool support get the plain
-rendering of `plain_tool_messages` instead (docs/data.md).
+rendering of `tool_calls.plain_tool_messages` instead (docs/data.md).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from llama_lora.data.tool_calls import Message, assistant_text, parse_calls
 from llama_lora.errors import DataError
-
-Message = dict[str, Any]
 
 _ROLES = {
     "human": "user",
@@ -30,6 +29,7 @@ _ROLES = {
     "assistant": "assistant",
     "system": "system",
     "model": "assistant",
+    "bot": "assistant",  # turbo-alignment
 }
 _CALL_ROLES = {"function_call"}  # ShareGPT (LLaMA-Factory): an assistant turn that is a tool call
 _RESULT_ROLES = {"observation", "tool", "function", "ipython"}  # a tool's answer
@@ -58,8 +58,11 @@ def preference_kind(row: dict[str, Any]) -> str | None:
         if isinstance(row["chosen"], list):
             return "preference pairs (chosen/rejected message lists)"
         return "preference pairs (prompt/chosen/rejected)"
+    if isinstance(row.get("is_desirable"), bool):
+        return "KTO data (turbo-alignment: context/answer/is_desirable)"
     if isinstance(row.get("label"), bool) or isinstance(row.get("kto_tag"), bool):
-        return "KTO data (messages with a boolean desirable/undesirable label)"
+        shape = "prompt/completion" if "completion" in keys else "messages"
+        return f"KTO data ({shape} with a boolean desirable/undesirable label)"
     return None
 
 
@@ -73,11 +76,11 @@ def refuse_preference(kind: str, where: str, index: int | None = None) -> DataEr
     at = f" (row {index})" if index is not None else ""
     if kind.startswith("KTO"):
         return DataError(
-            f"{where}: the rows are {kind}{at}; KTO training is not available yet in llama-lora "
-            "(train.objective dpo/orpo take chosen/rejected pairs; sft, one good response a row)"
+            f"{where}: the rows are {kind}{at}; train them with train.objective: kto, "
+            "not as rows with one good response each"
         )
     return DataError(
-        f"{where}: the rows are {kind}{at}; train them with train.objective: dpo (or orpo), "
+        f"{where}: the rows are {kind}{at}; train them with train.objective: dpo (or orpo, kto), "
         "not as rows with one good response each"
     )
 
@@ -145,7 +148,7 @@ def _parts(parts: list[Any]) -> tuple[str, str, list[dict[str, Any]]]:
         kind = part.get("type", "text")
         body = next((part[k] for k in ("text", "value", kind) if part.get(k) is not None), None)
         if kind == "tool_call":
-            calls.extend(_calls(body))
+            calls.extend(parse_calls(body))
         elif kind not in ("text", "reasoning", "thinking"):
             raise ValueError(f"content part type {kind!r} is not supported ({', '.join(PART_TYPES)})")
         elif not isinstance(body, str):
@@ -156,7 +159,8 @@ def _parts(parts: list[Any]) -> tuple[str, str, list[dict[str, Any]]]:
 
 
 def with_reasoning(text: str, reasoning: str) -> str:
-    """An assistant turn's reasoning before its answer, as a `<think>` block (docs/data.md)."""
+    """An assistant turn's reasoning before its answer, as a `<think>` block: the content of a turn with
+    reasoning parts, which a chat template with a `reasoning_content` field gets split again (docs/data.md)."""
     return f"<think>\n{reasoning}\n</think>\n\n{text}" if reasoning else text
 
 
@@ -169,145 +173,6 @@ def _has_text(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_has_text(v) for k, v in value.items() if k != "type")
     return False
-
-
-# ---------------------------------------------------------------------------------------------- tools
-
-
-def _json(value: Any, what: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} is not valid JSON ({exc.msg})") from None
-
-
-def parse_tools(value: Any) -> list[dict[str, Any]]:
-    """Tool schemas in OpenAI's form (`{"type": "function", "function": {...}}`) from a list of them,
-    a list of bare function schemas (`{"name", "description", "parameters"}`) or either as a JSON string
-    (ShareGPT's `tools` field). None, "" and "[]" are no tools. Raises ValueError on anything else."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return []
-    value = _json(_json(value, "'tools'"), "'tools'")  # some exports encode the string twice
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise ValueError(f"'tools' must be a list of function schemas, got {type(value).__name__}")
-    tools = []
-    for tool in value:
-        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
-            tools.append({"type": tool.get("type", "function"), "function": tool["function"]})
-        elif isinstance(tool, dict) and isinstance(tool.get("name"), str):
-            tools.append({"type": "function", "function": tool})
-        else:
-            raise ValueError(f"'tools' holds something that is not a function schema: {tool!r:.80}")
-    return tools
-
-
-def load_tools(path: str) -> list[dict[str, Any]]:
-    """Tool schemas for `infer`/`chat --tools FILE`: a JSON list of OpenAI function schemas (or bare
-    `{name, description, parameters}` ones), or that list as a JSON string (ShareGPT's `tools` field)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"--tools: {path} not found")
-    try:
-        tools = parse_tools(p.read_bytes().decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"--tools: {path}: {exc}") from None
-    if not tools:
-        raise DataError(f"--tools: {path} holds no tool schemas")
-    return tools
-
-
-def row_tools(row: dict[str, Any]) -> list[dict[str, Any]]:
-    return parse_tools(row.get("tools"))
-
-
-def _call(raw: Any) -> dict[str, Any]:
-    """One tool call, OpenAI's (`{"id", "type", "function": {"name", "arguments": "<json>"}}`) or
-    ShareGPT's (`{"name", "arguments": {...}}`), as `{"type": "function", "function": {name, arguments}}`
-    with the arguments as a dict where they are JSON."""
-    fn = raw.get("function", raw) if isinstance(raw, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ValueError(f"a tool call needs a name: {raw!r:.80}")
-    args = fn.get("arguments", fn.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            pass  # keep the string: the model is trained on what the data says
-    call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-    if isinstance(raw, dict) and raw.get("id"):
-        call["id"] = raw["id"]
-    return call
-
-
-def _calls(value: Any) -> list[dict[str, Any]]:
-    value = _json(value, "a function_call")
-    calls = value if isinstance(value, list) else [value]
-    if not calls:
-        raise ValueError("an empty function_call")
-    return [_call(c) for c in calls]
-
-
-def call_text(call: dict[str, Any]) -> str:
-    fn = call["function"]
-    payload = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
-    return f"<tool_call>\n{payload}\n</tool_call>"
-
-
-def assistant_text(msg: Message) -> str:
-    """What an assistant turn says, its tool calls written as `<tool_call>` blocks (the plain rendering)."""
-    parts = [msg["content"]] if msg.get("content") else []
-    return "\n".join(parts + [call_text(c) for c in msg.get("tool_calls") or []])
-
-
-TOOLS_PROMPT = (
-    "You may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
-    "<args-json-object>}}\n</tool_call>"
-)
-
-
-def uses_tools(messages: list[Message], tools: list[dict[str, Any]] | None) -> bool:
-    return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-
-
-def plain_tool_messages(messages: list[Message], tools: list[dict[str, Any]] | None) -> list[Message]:
-    """The tool conversation for a template without tool support, as system/user/assistant text only:
-    the schemas join the system message (`<tools>` block, Hermes/Qwen style), a call is assistant text
-    holding `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, and tool results become one user turn
-    of `<tool_response>` blocks (consecutive results share it, so user and assistant still alternate)."""
-    out: list[Message] = []
-    if tools:
-        block = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-        if messages and messages[0]["role"] == "system":
-            out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{block}"})
-            messages = messages[1:]
-        else:
-            out.append({"role": "system", "content": block})
-    for m in messages:
-        if m["role"] == "tool":
-            result = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("tool_result"):
-                out[-1]["content"] += "\n" + result
-            else:
-                out.append({"role": "user", "content": result, "tool_result": True})
-        elif m["role"] == "assistant" and m.get("tool_calls"):
-            out.append({**_marks(m), "role": "assistant", "content": assistant_text(m)})
-        else:
-            out.append({**_marks(m), "role": m["role"], "content": m["content"]})
-    return [{k: m[k] for k in ("role", "content", *MARKS) if k in m} for m in out]
-
-
-MARKS = ("trained", "reasoning")  # what a message carries for render_segments besides role and content
-
-
-def _marks(msg: Message) -> Message:
-    return {k: msg[k] for k in MARKS if k in msg}
 
 
 # -------------------------------------------------------------------------------------------- messages
@@ -326,13 +191,11 @@ def _conversation(row: dict[str, Any]) -> list[Message]:
         text, reasoning, part_calls = _parts(content) if isinstance(content, list) else (None, "", [])
         if role in _ROLES and _ROLES[role] == "assistant" and (reasoning or part_calls):
             msg = {"role": "assistant", "content": with_reasoning(text or "", reasoning)}
-            if reasoning:  # the <think> block, which data.train_on_reasoning: false leaves untrained
-                msg["reasoning"] = with_reasoning("", reasoning)
+            if reasoning:  # raw, for templates.py: a template's reasoning_content, or the block's extent
+                msg["reasoning"] = reasoning
             msgs.append({**msg, "tool_calls": part_calls} if part_calls else msg)
         elif role in _CALL_ROLES or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
-            calls = (
-                _calls(content) if role in _CALL_ROLES else _calls(m.get("tool_calls") or m["function_call"])
-            )
+            calls = parse_calls(content if role in _CALL_ROLES else m.get("tool_calls") or m["function_call"])
             text = "" if role in _CALL_ROLES else _text(content)
             msgs.append({"role": "assistant", "content": text, "tool_calls": calls})
         elif role in _RESULT_ROLES:

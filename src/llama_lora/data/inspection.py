@@ -3,10 +3,12 @@
 The data is loaded by `sources.split_rows` and `dataset.load_dataset` themselves (same config, template,
 masking, truncation), with the tokenizer loaded as `train` loads it; this module only looks at the result:
 
-    example --segments--> [(text, trained)]    counts(...)    find_warnings(...)
+    example --sides--> [(side, tokens)] --segments--> [(text, trained)]    counts(...)    split_warnings(...)
 
-A token counts as trained when its label is not -100 and it is not the first token (the loss predicts
-token i from the tokens before it, so the first one is never a target). Nothing is written.
+Under a preference objective an example is more than one tokenized sequence (a pair's chosen and rejected
+sides, `sides()`); each side is shown, counted and checked like an SFT example, named by its side. A token
+counts as trained when its label is not -100 and it is not the first token (the loss predicts token i from
+the tokens before it, so the first one is never a target). Nothing is written.
 """
 
 from __future__ import annotations
@@ -59,10 +61,33 @@ def segments(example: encoding.Example, tokenizer) -> list[tuple[str, bool]]:
     return out
 
 
-def example_record(index: int, example: encoding.Example, tokenizer, truncated: bool) -> dict[str, Any]:
-    """One example as `--json` prints it."""
+Side = tuple[int, str | None, encoding.Example]  # (example index, side name or None, tokens)
+
+
+def example_sides(example: Any) -> list[tuple[str | None, encoding.Example]]:
+    """The tokenized sequences of one training example with their names: a preference pair's chosen and
+    rejected sides (`sides()`, as other objectives' examples); an SFT example is its one, unnamed side."""
+    if isinstance(example, encoding.Example):
+        return [(None, example)]
+    return example.sides()
+
+
+def all_sides(examples: list[Any]) -> list[Side]:
+    """Every side of every example, in order, with its example's index."""
+    return [(i, name, side) for i, example in enumerate(examples) for name, side in example_sides(example)]
+
+
+def _named(index: int, side: str | None) -> str:
+    return f"example {index}" + (f" ({side})" if side else "")
+
+
+def example_record(
+    index: int, example: encoding.Example, tokenizer, truncated: bool, side: str | None = None
+) -> dict[str, Any]:
+    """One example (one side of it, `side`, under a preference objective) as `--json` prints it."""
     return {
         "index": index,
+        **({"side": side} if side else {}),
         "tokens": len(example),
         "trained_tokens": trained_tokens(example),
         "truncated": truncated,
@@ -70,9 +95,11 @@ def example_record(index: int, example: encoding.Example, tokenizer, truncated: 
     }
 
 
-def counts(rows: int, examples: list[encoding.Example], stats: encoding.PrepareStats) -> dict[str, int]:
-    """Rows in, examples kept, rows skipped (and why), tokens, trained tokens, truncated examples."""
+def counts(rows: int, examples: list[Any], stats: encoding.PrepareStats) -> dict[str, int]:
+    """Rows in, examples kept, rows skipped (and why), tokens and trained tokens (all sides), truncated
+    examples."""
     skipped = len(stats.bad_rows) + stats.dropped_too_long + stats.dropped_no_labels
+    sides = [e for _, _, e in all_sides(examples)]
     return {
         "rows": rows,
         "kept": len(examples),
@@ -81,8 +108,8 @@ def counts(rows: int, examples: list[encoding.Example], stats: encoding.PrepareS
         "dropped_too_long": stats.dropped_too_long,
         "dropped_no_labels": stats.dropped_no_labels,
         "truncated": stats.truncated,
-        "tokens": sum(len(e) for e in examples),
-        "trained_tokens": sum(trained_tokens(e) for e in examples),
+        "tokens": sum(len(e) for e in sides),
+        "trained_tokens": sum(trained_tokens(e) for e in sides),
     }
 
 
@@ -95,11 +122,13 @@ def _warning(kind: str, message: str) -> dict[str, str]:
 
 
 def split_warnings(
-    split: str, examples: list[encoding.Example], stats: encoding.PrepareStats, tokenizer, max_length: int
+    split: str, examples: list[Any], stats: encoding.PrepareStats, tokenizer, max_length: int
 ) -> list[dict[str, str]]:
-    """Labels masked away, responses cut by `max_length`, examples that train next to nothing, a doubled BOS
-    token, in one split."""
+    """Labels masked away, responses cut by `max_length`, examples (or sides of one) that train next to
+    nothing, a doubled BOS token, in one split."""
     found = []
+    sides = all_sides(examples)
+    unit = "example" if len(sides) == len(examples) else "example side"  # a pair has two sides
     if stats.dropped_no_labels:
         found.append(
             _warning(
@@ -118,32 +147,33 @@ def split_warnings(
             )
         )
     stops = set(templates.stop_token_ids(tokenizer))
-    thin = [i for i, e in enumerate(examples) if all(t in stops for t in _trained_ids(e))]
+    thin = [(i, name) for i, name, e in sides if all(t in stops for t in _trained_ids(e))]
     if thin:
         found.append(
             _warning(
                 "thin",
-                f"{split}: {_n(len(thin), 'example')} of {len(examples)} train nothing but end-of-turn tokens "
-                f"(first: example {thin[0]}): are their responses empty?",
+                f"{split}: {_n(len(thin), unit)} of {len(sides)} train nothing but end-of-turn tokens "
+                f"(first: {_named(*thin[0])}): are their responses empty?",
             )
         )
     bos = getattr(tokenizer, "bos_token_id", None)
-    doubled = [i for i, e in enumerate(examples) if bos is not None and e.input_ids[:2] == [bos, bos]]
+    doubled = [(i, name) for i, name, e in sides if bos is not None and e.input_ids[:2] == [bos, bos]]
     if doubled:
         found.append(
             _warning(
                 "double_bos",
-                f"{split}: the BOS token {tokenizer.bos_token} comes twice at the start of {_n(len(doubled), 'example')} "
-                f"(first: example {doubled[0]}); the rows or the template already begin with it",
+                f"{split}: the BOS token {tokenizer.bos_token} comes twice at the start of {_n(len(doubled), unit)} "
+                f"(first: {_named(*doubled[0])}); the rows or the template already begin with it",
             )
         )
     return found
 
 
-def eos_warning(examples: list[encoding.Example], tokenizer) -> dict[str, str] | None:
-    """A warning when no example trains any token that generation stops at (EOS or end-of-turn)."""
+def eos_warning(examples: list[Any], tokenizer) -> dict[str, str] | None:
+    """A warning when no example (no side of one) trains any token that generation stops at (EOS or
+    end-of-turn)."""
     stops = set(templates.stop_token_ids(tokenizer))
-    for e in examples:
+    for _, _, e in all_sides(examples):
         if any(t and label in stops for t, label in zip(_trained_flags(e), e.labels, strict=True)):
             return None
     names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in sorted(stops)) or "none"
@@ -164,7 +194,7 @@ class Report:
     model: str
     source: str
     template: str
-    examples: list[dict[str, Any]]  # the first N training examples, as example_record makes them
+    examples: list[dict[str, Any]]  # the first N training examples (each side), as example_record makes them
     counts: dict[str, dict[str, int]]  # "train", "eval"
     warnings: list[dict[str, str]] = field(default_factory=list)
 
@@ -191,7 +221,7 @@ def inspect(cfg: Config, n: int) -> Report:
     ds = dataset.load_dataset(cfg, tokenizer, rows=(train_rows, eval_rows))
     tstats, estats = ds.train_stats, ds.eval_stats
     cut = set(tstats.truncated_examples)
-    shown = [example_record(i, e, tokenizer, i in cut) for i, e in enumerate(ds.train[:n])]
+    shown = [example_record(i, e, tokenizer, i in cut, side) for i, side, e in all_sides(ds.train[:n])]
     warnings = placeholder_warnings(train_rows + eval_rows, cfg)
     max_length = cfg.data.max_length
     warnings += split_warnings("train", ds.train, tstats, tokenizer, max_length)
@@ -259,7 +289,8 @@ def render(report: Report, color: bool) -> list:
     out: list = []
     for record in report.examples:
         flags = ", truncated" if record["truncated"] else ""
-        header = f"── example {record['index']}: {record['tokens']} tokens, {record['trained_tokens']} trained{flags}"
+        name = _named(record["index"], record.get("side"))
+        header = f"── {name}: {record['tokens']} tokens, {record['trained_tokens']} trained{flags}"
         out += [Text(header, style="bold cyan" if color else ""), render_example(record, color)]
         if not record["segments"] or not record["segments"][-1]["text"].endswith("\n"):
             out.append(Text(""))  # one blank line after each example

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from llama_lora.data import formats
+from llama_lora.data import formats, tool_calls
 from llama_lora.errors import LlamaLoraError
 from llama_lora.infer import generate
 
@@ -77,7 +77,7 @@ def parse_chat(body: dict) -> tuple[list[formats.Message], list[dict[str, Any]] 
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
     try:
-        tools = formats.parse_tools(body.get("tools")) or None
+        tools = tool_calls.parse_tools(body.get("tools")) or None
         return formats.to_messages({"messages": messages}, "messages"), tools
     except (ValueError, LlamaLoraError) as exc:
         param = "tools" if "tool" in str(exc) else "messages"
