@@ -117,12 +117,19 @@ class PeftConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
     """`sft`: learn the responses. `dpo` / `orpo`: learn from preference pairs (a prompt, a chosen and a
-    rejected answer; docs/preference.md). DPO's reference is the model as training starts."""
+    rejected answer); `kto`: from single answers labelled desirable or undesirable (docs/preference.md).
+    The DPO and KTO reference is the model as training starts."""
     beta: float = Field(0.1, gt=0)
-    """DPO: how far the policy may move from the reference (higher: stays closer); ORPO: the weight of the
-    odds-ratio term against the chosen answer's NLL."""
+    """DPO and KTO: how far the policy may move from the reference (higher: stays closer); ORPO: the weight of
+    the odds-ratio term against the chosen answer's NLL."""
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    """KTO: the weight of a desirable answer's loss (TRL's `desirable_weight`)."""
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    """KTO: the weight of an undesirable answer's loss (TRL's `undesirable_weight`). With unequal counts, TRL
+    advises weights such that desirable_weight x desirable rows / (undesirable_weight x undesirable rows) lies
+    in [1, 4/3]."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """DPO only: the assumed probability that a pair's preference is flipped (conservative DPO)."""
     epochs: float = Field(1.0, gt=0)

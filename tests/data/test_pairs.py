@@ -279,6 +279,6 @@ def test_bad_rows_stop_in_one_line_unless_skipped(tokenizer):
 def test_kto_rows_are_refused_in_one_line(tokenizer):
     rows = [{"messages": [user("q"), bot("a")], "label": False}]
     for dcfg in (DataConfig(), DataConfig(skip_bad_rows=True)):
-        with pytest.raises(DataError, match="KTO is not supported by train.objective dpo/orpo") as caught:
+        with pytest.raises(DataError, match="train it with train.objective: kto") as caught:
             prepare_pairs(rows, tokenizer, dcfg, "chat", where="kto.json")
         assert "\n" not in str(caught.value) and "kto.json: row 0" in str(caught.value)

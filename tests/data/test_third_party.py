@@ -10,38 +10,52 @@ import pytest
 from tests.conftest import cli_in_process, tiny_overrides
 
 THIRD_PARTY = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "third_party"
-PREFERENCE = "train them with train.objective: dpo (or orpo)"
-# file -> None (trains) or the text its one-line error holds
-EXPECTED = {
-    "README.md": "cannot read .md files",
-    "alpaca_zh_demo.json": None,
-    "c4_demo.jsonl": None,
-    "dpo_en_demo.json": f"preference pairs (ShareGPT: conversations + chosen/rejected) (row 0); {PREFERENCE}",
-    "fastchat_sharegpt_dummy.json": None,
-    "glaive_toolcall_en_demo.json": None,
-    "identity.json": None,
-    "kto_en_demo.json": "KTO data",
-    "llamafactory_v1_dpo_demo.jsonl": f"preference pairs (LLaMA-Factory v1: chosen_messages/rejected_messages) (row 0); {PREFERENCE}",
-    "mlx_lm_pr417_dpo_train.jsonl": f"preference pairs (prompt/chosen/rejected) (row 0); {PREFERENCE}",
-    "mlx_wikisql_train.jsonl": None,
-    "mlx_wikisql_valid.jsonl": None,
-    "wiki_demo.txt": None,
+PREFERENCE = "train them with train.objective: dpo (or orpo, kto)"
+PAIRS = {  # preference pairs: refused under sft, trained by dpo, orpo and kto (unpaired as TRL does)
+    "dpo_en_demo.json": "ShareGPT: conversations + chosen/rejected",
+    "llamafactory_v1_dpo_demo.jsonl": "LLaMA-Factory v1: chosen_messages/rejected_messages",
+    "mlx_lm_pr417_dpo_train.jsonl": "prompt/chosen/rejected",
 }
+KTO = {  # single answers labelled desirable or not: refused under sft and dpo, trained by kto
+    "kto_en_demo.json": None,
+    "turbo_alignment_kto.jsonl": "3 of 4 rows are not usable KTO rows (first: row 0: the prompt must end on a user turn",
+}
+# (file, objective) -> None (trains) or the text its one-line error holds; each file under each objective that
+# fits it, and under the one its data does not fit, which must refuse it
+EXPECTED = {
+    ("README.md", "sft"): "cannot read .md files",
+    ("alpaca_zh_demo.json", "sft"): None,
+    ("c4_demo.jsonl", "sft"): None,
+    ("fastchat_sharegpt_dummy.json", "sft"): None,
+    ("glaive_toolcall_en_demo.json", "sft"): None,
+    ("identity.json", "sft"): None,
+    ("mlx_wikisql_train.jsonl", "sft"): None,
+    ("mlx_wikisql_valid.jsonl", "sft"): None,
+    ("wiki_demo.txt", "sft"): None,
+    **{(name, "sft"): f"preference pairs ({kind}) (row 0); {PREFERENCE}" for name, kind in PAIRS.items()},
+    **{(name, objective): None for name in PAIRS for objective in ("dpo", "orpo", "kto")},
+    **{(name, "sft"): "; train them with train.objective: kto" for name in KTO},
+    **{(name, "dpo"): "train it with train.objective: kto" for name in KTO},
+    **{(name, "kto"): error for name, error in KTO.items()},
+}
+NAMES = {name for name, _ in EXPECTED}
 
 
-# What the folder holds now: a file added later is walked too, and must train or stop in one line.
-FILES = sorted(
-    {*EXPECTED, *(p.name for p in THIRD_PARTY.iterdir() if p.is_file())} if THIRD_PARTY.is_dir() else EXPECTED
+# What the folder holds now: a file added later is walked too (under sft), and must train or stop in one line.
+CASES = sorted(
+    {*EXPECTED, *((p.name, "sft") for p in THIRD_PARTY.iterdir() if p.is_file() and p.name not in NAMES)}
+    if THIRD_PARTY.is_dir()
+    else EXPECTED
 )
 
 
 def test_third_party_folder_holds_the_expected_files():
     assert THIRD_PARTY.is_dir(), f"{THIRD_PARTY} is missing: the data tests need ../shared/data/third_party"
-    assert set(EXPECTED) <= {p.name for p in THIRD_PARTY.iterdir()}
+    assert NAMES <= {p.name for p in THIRD_PARTY.iterdir()}
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, name):
+@pytest.mark.parametrize("name, objective", CASES)
+def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, name, objective):
     path = THIRD_PARTY / name
     assert path.is_file(), f"{path} is missing"
     out = tmp_path / "run"
@@ -50,6 +64,7 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
         path,
         out,
         **{
+            "train.objective": objective,
             "data.max_rows": 16,
             "data.eval_fraction": 0,
             "data.max_length": 256,
@@ -59,10 +74,11 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
     )
     code, _, err = cli_in_process("train", *overrides)
     assert "Traceback" not in err
-    if name not in EXPECTED:  # a file this test does not know yet: either outcome, but a clean one
+    if (name, objective) not in EXPECTED:
+        # a file this test does not know yet: either outcome, but a clean one
         assert code in (0, 2), err
         assert code == 0 or len(err.strip().splitlines()) == 1, err
-    elif EXPECTED[name] is None:
+    elif EXPECTED[name, objective] is None:
         assert code == 0, err
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         if name == "identity.json":  # its {{name}} / {{author}} placeholders are meant to be filled first
@@ -70,7 +86,7 @@ def test_third_party_file_trains_or_stops_in_one_line(tiny_model_dir, tmp_path, 
     else:
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err
-        assert EXPECTED[name] in lines[0] and name in lines[0]
+        assert EXPECTED[name, objective] in lines[0] and name in lines[0]
         assert not out.exists()  # nothing written
 
 

@@ -366,3 +366,79 @@ def test_orpo_gradients_match_orpo_trainer():
     assert _max_grad_diff(_grads(policy), _grads(trl_policy)) < TOL
     for key, value in preference_metrics(chosen, rejected).items():
         assert abs(value - trl_metrics[key]) < TOL, key
+
+
+def test_kto_gradients_match_kto_trainer():
+    """A tiny Llama: our KTO loss module (KL rows without gradient, answers with it) vs KTOTrainer's
+    `_compute_loss` with its reference model and fused-head log-probs: loss, parameter gradients, KL and
+    the reward metrics. The KL sequences rotate the answers by one, as TRL builds them."""
+    from llama_lora.train.objectives.kto import KTOLoss
+    from llama_lora.train.objectives.preference import model_logps
+
+    policy, ref = _models()
+    rows = [(p, c, True) for p, c, _ in PAIRS] + [(p, r, False) for p, _, r in PAIRS]
+    answers = [(p, a) for p, a, _ in rows]
+    kl_rows = [(p, answers[i - 1][1]) for i, (p, _) in enumerate(answers)]
+    width = max(len(p) + len(a) for p, a in answers + kl_rows)
+    ids, attention, completion = _pack(answers, width)
+    kl_ids, kl_attention, kl_completion = _pack(kl_rows, width)
+    desirable = torch.tensor([good for _, _, good in rows])
+
+    trl_policy, trl_ref = copy.deepcopy(policy), copy.deepcopy(ref)
+    add_fused_lm_head(trl_policy, outputs=("log_probs", "entropy", "mean_logits"))
+    add_fused_lm_head(trl_ref)
+    trainer = _stub(
+        KTOTrainer,
+        model=trl_policy,
+        ref_model=trl_ref,
+        beta=0.1,
+        loss_type="kto",
+        desirable_weight=1.0,
+        undesirable_weight=1.33,
+        calculate_KL=True,
+        precompute_ref_logps=False,
+    )
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": kl_attention,
+        "KL_completion_mask": kl_completion,
+        "label": desirable,
+    }
+    want = KTOTrainer._compute_loss(trainer, trl_policy, inputs, return_outputs=False)
+    want.backward()
+
+    labels = ids.masked_fill(completion == 0, IGNORE)
+    kl_labels = kl_ids.masked_fill(kl_completion == 0, IGNORE)
+    with torch.no_grad():
+        ref_logps, _ = model_logps(ref, ids, labels, attention)
+        ref_kl_logps, _ = model_logps(ref, kl_ids, kl_labels, kl_attention)
+    module = KTOLoss(policy, beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
+    loss_sum, n = module(
+        ids,
+        labels,
+        attention,
+        desirable=desirable,
+        ref_logps=ref_logps,
+        ref_kl_logps=ref_kl_logps,
+        kl_input_ids=kl_ids,
+        kl_labels=kl_labels,
+        kl_attention_mask=kl_attention,
+    )
+    (loss_sum / n).backward()
+
+    assert n == len(rows) and abs((loss_sum / n).item() - want.item()) < TOL
+    assert _max_grad_diff(_grads(policy), _grads(trl_policy)) < TOL
+    ours, theirs = module.take_metrics(), _last(trainer)
+    for key in (
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "rewards/margins",
+    ):
+        assert abs(ours[key] - theirs[key]) < TOL, key
+    assert ours["kl"] > 0  # the policy was moved off the reference: the clamp is not what makes them agree

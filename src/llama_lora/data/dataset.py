@@ -1,14 +1,15 @@
-"""A config's data as training uses it: the tokenized training and held-out examples (SFT examples or
-preference pairs), with the template chosen and notes for the log (what was cut, dropped or left unfilled).
+"""A config's data as training uses it: the tokenized training and held-out examples (SFT examples,
+preference pairs or KTO examples), with the template chosen and notes for the log (what was cut, dropped or left unfilled).
 `train/build.py` and `data inspect` (inspection.py) both load through `load_dataset`, so they never differ.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from llama_lora.config import Config
-from llama_lora.data import encoding, pairs, placeholders, sources, templates
+from llama_lora.data import encoding, kto, pairs, placeholders, sources, templates
 from llama_lora.errors import DataError
 
 
@@ -31,7 +32,10 @@ def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | N
     train_rows, eval_rows = rows if rows is not None else sources.split_rows(cfg.data, cfg.train.seed)
     if not train_rows:
         raise DataError(f"{cfg.data.source}: no rows in split {cfg.data.split!r}")
-    prepare = encoding.prepare if cfg.train.objective == "sft" else pairs.prepare_pairs
+    prepare = {
+        "sft": encoding.prepare,
+        "kto": functools.partial(kto.prepare_kto, block=cfg.train.batch_size),
+    }.get(cfg.train.objective, pairs.prepare_pairs)
     train_ex, tstats = prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
     eval_ex, estats = prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")
     if not train_ex:

@@ -7,10 +7,11 @@ pad id, so a tokenizer whose pad token equals its EOS token still learns the EOS
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from llama_lora.data import formats
+from llama_lora.data import formats, tool_calls
 from llama_lora.data.formats import (
     detect_format,
     reference_answer,
@@ -22,6 +23,7 @@ from llama_lora.data.templates import render_segments
 from llama_lora.errors import DataError
 
 IGNORE = -100
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,8 +109,6 @@ def prepare(
 
     Rows that cannot be used (missing fields, no response) are a DataError naming the first one and their
     count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats."""
-    from jinja2 import TemplateError
-
     stats = PrepareStats(rows=len(rows))
     examples: list[Example] = []
     for index, row in enumerate(rows):
@@ -116,28 +116,14 @@ def prepare(
         if kind is not None:  # never train a rejected or undesirable answer as a good one
             raise formats.refuse_preference(kind, where, index)
         row = fill_placeholders(row, dcfg.fill)
-        try:
-            row_fmt = fmt or (dcfg.format if dcfg.format != "auto" else detect_format(row))
-            messages = to_messages(row, row_fmt, dcfg.system_prompt)
-            if row_fmt != "text" and reference_answer(messages) is None:
-                raise ValueError("no response to train on")
-            tools = formats.row_tools(row) if row_fmt in ("messages", "tools") else None
-            segments = render_segments(messages, tokenizer, template, tools, dcfg.train_on_reasoning)
-        except TemplateError as exc:  # e.g. a template that allows one tool call per turn
-            stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+        segments = try_row(stats, index, where, _segments, row, tokenizer, dcfg, template, fmt)
+        if segments is None:
             continue
-        except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
-            if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
-                raise  # the template, not the row, is the problem
-            stats.bad_rows.append(f"row {index}: {exc}")
-            continue
-        except Exception as exc:  # anything else: one line naming the row, never a traceback
-            raise DataError(f"{where}: row {index}: cannot be rendered ({_reason(exc)})") from None
         try:
             ex = tokenize(segments, tokenizer, dcfg.train_on_prompt)
         except Exception as exc:
             raise DataError(f"{where}: row {index}: cannot be tokenized ({_reason(exc)})") from None
-        ex = _within_max_length(ex, index, dcfg, tokenizer, stats)
+        ex = within_max_length(ex, index, dcfg, tokenizer, stats)
         if ex is None:
             continue
         if all(label == IGNORE for label in ex.labels[1:]):
@@ -151,7 +137,35 @@ def prepare(
     return examples, stats
 
 
-def _within_max_length(ex: Example, index: int, dcfg, tokenizer, stats: PrepareStats) -> Example | None:
+def _segments(row: dict[str, Any], tokenizer, dcfg, template: str, fmt: str | None) -> list[tuple[str, bool]]:
+    row_fmt = fmt or (dcfg.format if dcfg.format != "auto" else detect_format(row))
+    messages = to_messages(row, row_fmt, dcfg.system_prompt)
+    if row_fmt != "text" and reference_answer(messages) is None:
+        raise ValueError("no response to train on")
+    tools = tool_calls.row_tools(row) if row_fmt in ("messages", "tools") else None
+    return render_segments(messages, tokenizer, template, tools, dcfg.train_on_reasoning)
+
+
+def try_row(stats: PrepareStats, index: int, where: str, make: Callable[..., T], *args: Any) -> T | None:
+    """`make(*args)` for row `index`, or None when the row is bad: its reason (a chat template's refusal too) is
+    counted in `stats.bad_rows`. A problem with the template itself (`data.template: ...`) stops the run, and
+    anything unexpected stops it in one line naming the row, never a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return make(*args)
+    except TemplateError as exc:  # e.g. a template that allows one tool call per turn
+        stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+    except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
+        if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
+            raise  # the template, not the row, is the problem
+        stats.bad_rows.append(f"row {index}: {exc}")
+    except Exception as exc:
+        raise DataError(f"{where}: row {index}: cannot be rendered ({_reason(exc)})") from None
+    return None
+
+
+def within_max_length(ex: Example, index: int, dcfg, tokenizer, stats: PrepareStats) -> Example | None:
     """`ex` fitted to `dcfg.max_length` as `dcfg.truncation` says (docs/config.md), counted in `stats`; None
     when it is dropped or a bad row."""
     limit = dcfg.max_length

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llama_lora.data import encoding, formats, placeholders, sources, templates
+from llama_lora.data import encoding, formats, placeholders, templates, tool_calls
 from llama_lora.data.formats import Message
 from llama_lora.errors import DataError
 
@@ -39,6 +39,10 @@ class PairExample:
 
     def __len__(self) -> int:  # the token budget of a batch counts both sides
         return len(self.chosen) + len(self.rejected)
+
+    def sides(self) -> list[tuple[str, encoding.Example]]:
+        """Each tokenized side with its name, as `data inspect` shows them."""
+        return [("chosen", self.chosen), ("rejected", self.rejected)]
 
 
 def _messages(value: Any, what: str) -> list[Message]:
@@ -65,7 +69,7 @@ def _response(value: Any, what: str, prompt: list[Message]) -> Message:
         raise ValueError(f"'{what}' must be a string, a message or messages, not {type(value).__name__}")
     if msg["role"] != "assistant":
         raise ValueError(f"'{what}' is a {msg['role']} turn, not an assistant response")
-    if not formats.assistant_text(msg).strip():
+    if not tool_calls.assistant_text(msg).strip():
         raise ValueError(f"empty '{what}' response")
     return msg
 
@@ -161,21 +165,30 @@ def pair_messages(
         rejected_msg = _response(rejected, "rejected", prompt)
     else:
         prompt, chosen_msg, rejected_msg = _implicit(chosen, rejected)
-    if not prompt:
-        raise ValueError("no prompt before the responses")
     if chosen_msg == rejected_msg:
         raise ValueError("'chosen' and 'rejected' are identical")
+    return opened_prompt(prompt, row, system_prompt), chosen_msg, rejected_msg
+
+
+def opened_prompt(prompt: list[Message], row: dict[str, Any], system_prompt: str | None) -> list[Message]:
+    """The prompt of a pair or a KTO row, opened by the row's `system` string (or `data.system_prompt`) unless
+    it has a system turn; it must end on a user turn, which the answer answers."""
+    if not prompt:
+        raise ValueError("no prompt before the response")
     if prompt[0]["role"] != "system":
         system = formats._text(row.get("system")).strip() or system_prompt
         prompt = ([{"role": "system", "content": system}] if system else []) + prompt
     if prompt[-1]["role"] != "user":
         raise ValueError(f"the prompt must end on a user turn, not {prompt[-1]['role']}")
-    return prompt, chosen_msg, rejected_msg
+    return prompt
 
 
-def _side(prompt: list[Message], response: Message, tokenizer, template: str, tools) -> encoding.Example:
-    """prompt + [response] tokenized with only the final response (and its end-of-turn token) trained."""
-    segments = templates.render_segments(prompt + [response], tokenizer, template, tools)
+def answer_example(
+    prompt: list[Message], response: Message, tokenizer, template: str, tools, train_on_reasoning: bool = True
+) -> encoding.Example:
+    """prompt + [response] tokenized with only the final response (and its end-of-turn token) trained (its
+    reasoning block too unless `train_on_reasoning` is False)."""
+    segments = templates.render_segments(prompt + [response], tokenizer, template, tools, train_on_reasoning)
     last = max((i for i, (_, train) in enumerate(segments) if train), default=-1)
     if last == -1:
         raise ValueError("the template rendered no response")
@@ -191,6 +204,15 @@ def _cut(ex: encoding.Example, n: int) -> encoding.Example:
     return encoding.Example(ex.input_ids[:n], ex.labels[:n])
 
 
+def _sides(row: dict[str, Any], tokenizer, dcfg, template: str) -> list[encoding.Example]:
+    prompt, chosen, rejected = pair_messages(row, dcfg.system_prompt)
+    tools = tool_calls.row_tools(row) or None
+    return [
+        answer_example(prompt, answer, tokenizer, template, tools, dcfg.train_on_reasoning)
+        for answer in (chosen, rejected)
+    ]
+
+
 def prepare_pairs(
     rows: list[dict[str, Any]], tokenizer, dcfg, template: str, where: str = "data"
 ) -> tuple[list[PairExample], encoding.PrepareStats]:
@@ -200,8 +222,6 @@ def prepare_pairs(
     from the right; with `truncation: drop` it is dropped, with `truncation: error` it is a bad row. Bad rows are a DataError naming the first
     one and their count, unless `dcfg.skip_bad_rows`, when they are skipped and counted in the stats.
     KTO rows are a DataError: they hold one response each, not a pair."""
-    from jinja2 import TemplateError
-
     stats = encoding.PrepareStats(rows=len(rows))
     pairs: list[PairExample] = []
     limit = dcfg.max_length
@@ -209,24 +229,13 @@ def prepare_pairs(
         kind = formats.preference_kind(row)
         if kind is not None and kind.startswith("KTO"):
             raise DataError(
-                f"{where}: row {index} is {kind}; KTO is not supported by train.objective dpo/orpo, "
-                "which need chosen/rejected pairs"
+                f"{where}: row {index} is {kind}, one answer each; train it with train.objective: kto "
+                "(dpo and orpo need chosen/rejected pairs)"
             )
         row = placeholders.fill_placeholders(row, dcfg.fill)
-        try:
-            prompt, chosen, rejected = pair_messages(row, dcfg.system_prompt)
-            tools = formats.row_tools(row) or None
-            sides = [_side(prompt, answer, tokenizer, template, tools) for answer in (chosen, rejected)]
-        except TemplateError as exc:
-            stats.bad_rows.append(f"row {index}: the chat template refused it ({exc})")
+        sides = encoding.try_row(stats, index, where, _sides, row, tokenizer, dcfg, template)
+        if sides is None:
             continue
-        except (ValueError, TypeError, AttributeError, KeyError, DataError) as exc:
-            if isinstance(exc, DataError) and str(exc).startswith("data.template:"):
-                raise
-            stats.bad_rows.append(f"row {index}: {exc}")
-            continue
-        except Exception as exc:
-            raise DataError(f"{where}: row {index}: cannot be rendered ({sources._reason(exc)})") from None
         starts = [_trained_from(ex) for ex in sides]
         if starts[0] != starts[1] or sides[0].input_ids[: starts[0]] != sides[1].input_ids[: starts[1]]:
             raise RuntimeError(

@@ -95,7 +95,8 @@ def side_metrics(loaded, examples, prompts, references, probe, settings, cfg=Non
 
 
 def held_out_pairs(rows, loaded, dcfg, label):
-    """Preference pairs -> prompts, chosen answers (the references), chosen examples (their loss) and pairs."""
+    """Preference pairs -> prompts, chosen answers (the references), chosen examples (their loss) and the
+    side's preference metrics."""
     from llama_lora.data import pairs
 
     pair_examples, _ = pairs.prepare_pairs(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
@@ -107,35 +108,89 @@ def held_out_pairs(rows, loaded, dcfg, label):
             continue  # prepare_pairs skipped it too (data.skip_bad_rows)
         prompts.append(prompt)
         references.append(chosen["content"])
-    return prompts, references, [p.chosen for p in pair_examples], pair_examples
+    chosen_examples = [p.chosen for p in pair_examples]
+    return prompts, references, chosen_examples, lambda cfg: preference_metrics(loaded, pair_examples, cfg)
+
+
+def held_out_kto(rows, loaded, dcfg, label):
+    """KTO rows -> the desirable answers' prompts, those answers (the references) and examples (their loss),
+    and the side's KTO metrics over all of them."""
+    from llama_lora.data import kto
+
+    examples, _ = kto.prepare_kto(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    prompts, references = [], []
+    for row in rows:
+        try:
+            answers = kto.kto_messages(row, dcfg.system_prompt)
+        except ValueError:
+            continue  # prepare_kto skipped it too (data.skip_bad_rows)
+        for prompt, answer, desirable in answers:
+            if desirable:
+                prompts.append(prompt)
+                references.append(answer["content"])
+    if not prompts:
+        raise CompareError(f"compare: {label} holds no desirable answers to compare generations with")
+    good = [e.example for e in examples if e.desirable]
+    return prompts, references, good, lambda cfg: kto_metrics(loaded, examples, cfg)
 
 
 @torch.no_grad()
+def sequence_logps(loaded, examples: list[encoding.Example], cfg: Config) -> list[float]:
+    """Each example's summed response log-probability, in `examples`' order, batched as evaluation is."""
+    from llama_lora.data.batching import collate, plan_batches
+    from llama_lora.train.objectives.preference import model_logps
+
+    loaded.model.eval()
+    budget = batch_tokens(cfg, loaded.device)
+    plan = plan_batches([len(e) for e in examples], cfg.train.batch_size, budget, seed=0, shuffle=False)
+    out = [0.0] * len(examples)
+    for b in plan:
+        batch = collate([examples[i] for i in b], pad_id_for(loaded.tokenizer))
+        sums, _ = model_logps(loaded.model, **{k: v.to(loaded.device) for k, v in batch.items()})
+        for i, value in zip(b, sums.tolist()):
+            out[i] = value
+    return out
+
+
 def preference_metrics(loaded, pair_examples, cfg: Config | None) -> dict[str, float]:
     """Held-out preference accuracy: how often the model gives the chosen answer a higher summed log-
     probability than the rejected one (no reference model), and the mean margin between them."""
-    from llama_lora.train.objectives.preference import PreferenceObjective
-
     cfg = cfg or Config()
-    objective = PreferenceObjective(loaded.model, "orpo", 0.1, 0.0, pad_id_for(loaded.tokenizer))
-    objective.module.eval()
-    margins = []
-    for batch in objective.eval_batches(
-        pair_examples, cfg.train.batch_size, batch_tokens(cfg, loaded.device)
-    ):
-        sums, _ = objective.module.logps(**{k: v.to(loaded.device) for k, v in batch.items()})
-        half = sums.shape[0] // 2
-        margins += (sums[:half] - sums[half:]).tolist()
+    n = len(pair_examples)
+    sums = sequence_logps(
+        loaded, [p.chosen for p in pair_examples] + [p.rejected for p in pair_examples], cfg
+    )
+    margins = [c - r for c, r in zip(sums[:n], sums[n:])]
     return {
-        "preference_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+        "preference_accuracy": sum(m > 0 for m in margins) / max(n, 1),
         "preference_margin": statistics.fmean(margins) if margins else 0.0,
     }
 
 
-def held_out_prompts(rows, loaded, dcfg, label, pairs_run: bool):
-    """The prompts, their references and the examples whose loss is measured; the pairs of a preference run
-    (whose held-out rows are pairs, the chosen answer the reference), else None."""
-    if pairs_run:
+def kto_metrics(loaded, kto_examples, cfg: Config | None) -> dict[str, float]:
+    """The mean summed log-probability of the held-out desirable answers and of the undesirable ones, and the
+    margin between them. The adapter's margin minus the base's, times beta, is KTO's held-out reward margin
+    (TRL's `rewards/margins`, the base being the reference)."""
+    cfg = cfg or Config()
+    sums = sequence_logps(loaded, [e.example for e in kto_examples], cfg)
+    good = [s for s, e in zip(sums, kto_examples) if e.desirable]
+    bad = [s for s, e in zip(sums, kto_examples) if not e.desirable]
+    out = {}
+    if good:
+        out["desirable_logp"] = statistics.fmean(good)
+    if bad:
+        out["undesirable_logp"] = statistics.fmean(bad)
+    if good and bad:
+        out["kto_margin"] = out["desirable_logp"] - out["undesirable_logp"]
+    return out
+
+
+def held_out_prompts(rows, loaded, dcfg, label, objective: str):
+    """The prompts, their references, the examples whose loss is measured, and the side's extra metrics
+    (`extra(cfg)`: a preference or KTO run's; None for SFT)."""
+    if objective == "kto":
+        return held_out_kto(rows, loaded, dcfg, label)
+    if objective != "sft":  # dpo, orpo: the held-out rows are pairs, the chosen answer the reference
         return held_out_pairs(rows, loaded, dcfg, label)
     prompts, references = [], []
     for row in rows:
@@ -148,13 +203,13 @@ def held_out_prompts(rows, loaded, dcfg, label, pairs_run: bool):
     return prompts, references, examples, None
 
 
-def both_sides(loaded, examples, prompts, references, probe, settings, pair_examples, log):
+def both_sides(loaded, examples, prompts, references, probe, settings, extra, log):
     """The adapter side, then the base side (the adapter unmerged and switched off): each side's metrics."""
     cfg = loaded.source.cfg
 
     def one_side() -> dict[str, Any]:
         out = side_metrics(loaded, examples, prompts, references, probe, settings, cfg)
-        return {**out, **preference_metrics(loaded, pair_examples, cfg)} if pair_examples is not None else out
+        return {**out, **extra(cfg)} if extra is not None else out
 
     adapter_side = one_side()
     log("... and the base model (adapter switched off)")
@@ -163,6 +218,14 @@ def both_sides(loaded, examples, prompts, references, probe, settings, pair_exam
     with loaded.model.disable_adapter():
         base_side = one_side()
     return base_side, adapter_side
+
+
+def _reward_margin(base_side, adapter_side, cfg: Config | None) -> float | None:
+    """KTO's held-out reward margin, beta x (the adapter's desirable-minus-undesirable log-prob margin minus
+    the base's): TRL's eval `rewards/margins` with the base as the reference. None for other runs."""
+    if cfg is None or "kto_margin" not in base_side or "kto_margin" not in adapter_side:
+        return None
+    return cfg.train.beta * (adapter_side["kto_margin"] - base_side["kto_margin"])
 
 
 def write_reports(target: Path, result: dict[str, Any], src: loading.AdapterSource) -> list[str]:
@@ -201,13 +264,11 @@ def compare(
     rows, label, probe = held_out_rows(src, data_file)
     rows = rows[:n]
     dcfg = (src.cfg.data if src.cfg else None) or DataConfig()
-    pairs_run = src.cfg is not None and src.cfg.train.objective != "sft"
-    prompts, references, examples, pair_examples = held_out_prompts(rows, loaded, dcfg, label, pairs_run)
+    objective = src.cfg.train.objective if src.cfg is not None else "sft"
+    prompts, references, examples, extra = held_out_prompts(rows, loaded, dcfg, label, objective)
     settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
     log(f"comparing on {len(rows)} held-out prompts from {label}: adapter ...")
-    base_side, adapter_side = both_sides(
-        loaded, examples, prompts, references, probe, settings, pair_examples, log
-    )
+    base_side, adapter_side = both_sides(loaded, examples, prompts, references, probe, settings, extra, log)
     bench = None
     if bench_names:
         log(f"general skills: {', '.join(bench_names)} through lm-evaluation-harness, base then adapter")
@@ -227,6 +288,7 @@ def compare(
             for p, r, b, a in zip(prompts, references, base_side["generations"], adapter_side["generations"])
         ],
         "benchmarks": bench,
+        "kto_reward_margin": _reward_margin(base_side, adapter_side, src.cfg),
         "runtime_s": round(time.perf_counter() - start, 2),
     }
     target = Path(out_dir) if out_dir else (src.run_dir or src.adapter_dir)

@@ -12,6 +12,9 @@ from llama_lora import run_dir
 ROWS = [
     ("preference_accuracy", "held-out preference accuracy (chosen > rejected)", "higher"),
     ("preference_margin", "mean log-prob margin, chosen - rejected", "higher"),
+    ("kto_margin", "mean log-prob margin, desirable - undesirable answers", "higher"),
+    ("desirable_logp", "mean log-prob of the desirable answers", "higher"),
+    ("undesirable_logp", "mean log-prob of the undesirable answers", "lower"),
     ("eval_loss", "eval loss (response tokens)", "lower"),
     ("perplexity", "perplexity", "lower"),
     ("rouge_l", "ROUGE-L vs reference", "higher"),
@@ -53,6 +56,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"- behaviour probe: {result['probe']['name']}: {result['probe']['description']} "
             f"(pattern `{result['probe']['pattern']}`)"
+        )
+    if result.get("kto_reward_margin") is not None:
+        lines.append(
+            f"- KTO reward margin on the held-out answers (beta x the margin's change, base = reference): "
+            f"{result['kto_reward_margin']:+.4f}"
         )
     lines += ["", "| metric | base | adapter | |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {label} | {_fmt(b)} | {_fmt(a)} | {v} |" for label, b, a, v in metric_rows(result)]

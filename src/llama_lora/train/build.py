@@ -2,7 +2,7 @@
 
     load(cfg)        tokenizer -> examples (data/dataset.py) -> frozen base -> Settings (settings.py),
                      base fingerprint
-    attach(...)      adapter -> CPU fast path -> objective -> [strategy shards it] -> [DPO reference]
+    attach(...)      adapter -> CPU fast path -> objective -> [strategy shards it] -> [DPO/KTO reference]
                      -> optimizer -> step plan -> scheduler
 
 `loop.train` runs them around the one point where the run directory is created (between the two, since
@@ -32,8 +32,10 @@ from llama_lora.errors import ConfigError
 from llama_lora.kernels import fused
 from llama_lora.kernels.fastpath import FastPath
 from llama_lora.model import adapters, hardware, loader
+from llama_lora.progress import Bar
 from llama_lora.train import settings, shard_loading
 from llama_lora.train.objectives.base import Objective
+from llama_lora.train.objectives.kto import KTOObjective
 from llama_lora.train.objectives.preference import PreferenceObjective
 from llama_lora.train.objectives.sft import ResponseObjective
 from llama_lora.train.settings import Settings
@@ -191,6 +193,7 @@ class Setup:
     steps: list[list[list[int]]]  # optimizer steps, each a group of micro-batches (example indices)
     per_epoch: int  # micro-batches in one epoch
     initial_dir: Path | None  # PiSSA/OLoRA: the initial adapter, needed again when saving
+    notes: list[str]  # warnings about the plan, for the log
 
 
 def attach(
@@ -199,11 +202,12 @@ def attach(
     initial_dir: Path | None = None,
     layers=fused,
     strategy=None,
+    quiet: bool = True,
 ) -> Setup:
     """Adapter, fast path, objective, optimizer, step plan and schedule on `loaded`'s base. `layers`: the
     fused-projection module (bench/paired_steps.py swaps in another version of fused.py). `strategy`
     (strategy.py): how the launch's processes hold the model; FSDP2 shards it here, before DPO's reference pass
-    and the optimizer. None: one process."""
+    and the optimizer. None: one process. `quiet`: no progress bar for the reference pass."""
     from transformers import get_scheduler
 
     cfg, s = loaded.cfg, loaded.settings
@@ -229,7 +233,7 @@ def attach(
     if loaded.shards is not None:
         shard_loading.materialise(objective.module, peft_model, loaded.shards, s.device, start)
     if cfg.train.objective != "sft":
-        precompute_reference(objective, peft_model, loaded, start)
+        precompute_reference(objective, peft_model, loaded, start, quiet)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     steps, per_epoch = micro_batch_plan(loaded.ds, cfg, s.batch_tokens, processes)
@@ -250,7 +254,20 @@ def attach(
         steps,
         per_epoch,
         initial_dir,
+        plan_notes(cfg, steps),
     )
+
+
+def plan_notes(cfg: Config, steps: list[list[list[int]]]) -> list[str]:
+    """KTO estimates its KL reference point per micro-batch: a warning when they hold few rows."""
+    sizes = [len(b) for group in steps for b in group]
+    mean = sum(sizes) / max(len(sizes), 1)
+    if cfg.train.objective != "kto" or not sizes or mean >= 4:
+        return []
+    return [
+        f"warning: KTO estimates its KL reference point per micro-batch, and these hold {mean:.1f} rows on "
+        "average; raise train.max_batch_tokens (and train.batch_size) for a steadier estimate"
+    ]
 
 
 def make_objective(peft_model, loaded: Loaded) -> Objective:
@@ -259,16 +276,24 @@ def make_objective(peft_model, loaded: Loaded) -> Objective:
     pad = pad_id_for(loaded.tokenizer)
     if t.objective == "sft":
         return ResponseObjective(peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad)
+    if t.objective == "kto":
+        weights = (t.kto_desirable_weight, t.kto_undesirable_weight)
+        return KTOObjective(peft_model, t.beta, *weights, pad, packed=s.fast_path.packing)
     return PreferenceObjective(
         peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
     )
 
 
 def precompute_reference(
-    objective: PreferenceObjective, peft_model, loaded: Loaded, start: Path | None
+    objective: PreferenceObjective | KTOObjective,
+    peft_model,
+    loaded: Loaded,
+    start: Path | None,
+    quiet: bool = True,
 ) -> None:
-    """DPO's reference log-probabilities of every pair, before the first step. `start`: the adapter training
-    continues (`start_adapter`), or None."""
+    """The reference log-probabilities (DPO: of every pair; KTO: of every answer and KL sequence), before
+    the first step, with a progress bar unless `quiet`. `start`: the adapter training continues
+    (`start_adapter`), or None."""
     cfg, s = loaded.cfg, loaded.settings
     device = next(p for p in peft_model.parameters()).device
     dtype = torch.float16 if s.precision == "fp16" else torch.bfloat16
@@ -276,6 +301,10 @@ def precompute_reference(
     # work (an adapter that training starts from, or PiSSA/OLoRA's moved base, must stay in)
     fresh = start is None and cfg.peft.init_lora_weights in (True, "gaussian")
     adapter_off = peft_model.disable_adapter() if fresh else contextlib.nullcontext()
-    with adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
+    total = len(loaded.ds.train) + len(loaded.ds.eval)
+    bar = Bar("reference log-probs", total=total, unit="examples", lines=True, quiet=quiet or not total)
+    with bar, adapter_off, torch.autocast(device.type, dtype=dtype, enabled=s.autocast):
         for examples in (loaded.ds.train, loaded.ds.eval):
-            objective.precompute_reference(examples, cfg.train.batch_size, s.batch_tokens, device)
+            objective.precompute_reference(
+                examples, cfg.train.batch_size, s.batch_tokens, device, done=bar.advance
+            )

@@ -348,7 +348,9 @@ def train(
         initial = (
             run / ".init" if main else Path(tempfile.mkdtemp(prefix="llama-lora-init-"))
         ) / "adapter_init"
-    setup = build.attach(loaded, world, initial, strategy=strategy)
+    setup = build.attach(loaded, world, initial, strategy=strategy, quiet=quiet or not main)
+    for note in setup.notes:
+        say(note)
     say(_model_line(setup, world))
     say(loaded.settings.describe())
 

@@ -187,6 +187,23 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 # ------------------------------------------------------------------------------------------ the objective
 
 
+def model_logps(model, input_ids, labels, attention_mask=None, **packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a batch: the summed log-probability of its labelled (response) tokens under `model`, and
+    how many there are. `packed`: position_ids and llama_lora_rows of a packed batch (packing.collate_packed)."""
+    from llama_lora.kernels.head import decoder_and_head
+
+    decoder, lm_head = decoder_and_head(model)
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed
+    ).last_hidden_state
+    rows = packed.get("llama_lora_rows")
+    if rows is None:
+        return sequence_logps_from_hidden(hidden, lm_head.weight, labels)
+    return sequence_logps_from_hidden(
+        hidden, lm_head.weight, labels, row_ids=rows.slots // rows.width, n_rows=rows.rows
+    )
+
+
 class PreferenceLoss(torch.nn.Module):
     """forward(input_ids, labels, attention_mask, ref_logps) -> (summed pair losses, pairs).
 
@@ -203,20 +220,8 @@ class PreferenceLoss(torch.nn.Module):
         self.record = True  # off for a data-parallel step's weightless re-run (parallel.my_share)
 
     def logps(self, input_ids, labels, attention_mask=None, **packed) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs and response token counts per row (chosen rows, then rejected).
-        `packed`: position_ids and llama_lora_rows of a packed batch (packing.collate_packed)."""
-        from llama_lora.kernels.head import decoder_and_head
-
-        decoder, lm_head = decoder_and_head(self.model)
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed
-        ).last_hidden_state
-        rows = packed.get("llama_lora_rows")
-        if rows is None:
-            return sequence_logps_from_hidden(hidden, lm_head.weight, labels)
-        return sequence_logps_from_hidden(
-            hidden, lm_head.weight, labels, row_ids=rows.slots // rows.width, n_rows=rows.rows
-        )
+        """Summed response log-probs and response token counts per row (chosen rows, then rejected)."""
+        return model_logps(self.model, input_ids, labels, attention_mask, **packed)
 
     def forward(self, input_ids, labels, attention_mask=None, ref_logps=None, logps_only=False, **packed):
         """The summed pair losses and the pair count; with `logps_only`, `logps` (through forward, so that
@@ -309,7 +314,7 @@ class PreferenceObjective:
     def eval_batches(
         self, pairs, batch_size: int, max_batch_tokens: int | None
     ) -> list[dict[str, torch.Tensor]]:
-        return [self.collate([pairs[i] for i in b]) for b in _fixed_plan(pairs, batch_size, max_batch_tokens)]
+        return [self.collate([pairs[i] for i in b]) for b in fixed_plan(pairs, batch_size, max_batch_tokens)]
 
     def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
         return self.module.take_metrics(mode, reduce)
@@ -318,25 +323,30 @@ class PreferenceObjective:
         self.module.record = on
 
     @torch.no_grad()
-    def precompute_reference(self, pairs, batch_size: int, max_batch_tokens: int | None, device) -> None:
+    def precompute_reference(
+        self, pairs, batch_size: int, max_batch_tokens: int | None, device, done=None
+    ) -> None:
         """DPO's reference: each pair's summed log-probabilities under the model as it is now (before the
         first step: the base with a fresh adapter, or the adapter training starts from), in eval mode.
-        Computed again identically on --resume, since `attach` runs before a checkpoint is restored."""
+        Computed again identically on --resume, since `attach` runs before a checkpoint is restored.
+        `done(n)` is told of each batch's n pairs (a progress bar)."""
         if self.kind != "dpo" or not pairs:
             return
         was_training = self.module.training
         self.module.eval()
-        for b in _fixed_plan(pairs, batch_size, max_batch_tokens):
+        for b in fixed_plan(pairs, batch_size, max_batch_tokens):
             chosen = [pairs[i] for i in b]
             batch = self.collate(chosen, with_reference=False)
             sums, _ = self.module(**{k: v.to(device) for k, v in batch.items()}, logps_only=True)
             n = len(chosen)
             for k, pair in enumerate(chosen):
                 pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])
+            if done is not None:
+                done(n)
         self.module.train(was_training)
 
 
-def _fixed_plan(pairs, batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+def fixed_plan(pairs, batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
     """Pairs in a fixed order (the unshuffled plan, seed 0), as evaluation batches them."""
     from llama_lora.data.batching import plan_batches
 
