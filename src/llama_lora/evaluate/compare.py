@@ -136,7 +136,8 @@ def held_out_kto(rows, loaded, dcfg, label):
 
 @torch.no_grad()
 def sequence_logps(loaded, examples: list[encoding.Example], cfg: Config) -> list[float]:
-    """Each example's summed response log-probability, in `examples`' order, batched as evaluation is."""
+    """Each example's summed response log-probability, in `examples`' order, batched as evaluation is and,
+    like `eval_loss`, under bf16 autocast where `loaded.precision` is bf16 (as training evaluates)."""
     from llama_lora.data.batching import collate, plan_batches
     from llama_lora.train.objectives.preference import model_logps
 
@@ -144,11 +145,13 @@ def sequence_logps(loaded, examples: list[encoding.Example], cfg: Config) -> lis
     budget = batch_tokens(cfg, loaded.device)
     plan = plan_batches([len(e) for e in examples], cfg.train.batch_size, budget, seed=0, shuffle=False)
     out = [0.0] * len(examples)
-    for b in plan:
-        batch = collate([examples[i] for i in b], pad_id_for(loaded.tokenizer))
-        sums, _ = model_logps(loaded.model, **{k: v.to(loaded.device) for k, v in batch.items()})
-        for i, value in zip(b, sums.tolist()):
-            out[i] = value
+    device_type = torch.device(loaded.device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=loaded.precision == "bf16"):
+        for b in plan:
+            batch = collate([examples[i] for i in b], pad_id_for(loaded.tokenizer))
+            sums, _ = model_logps(loaded.model, **{k: v.to(loaded.device) for k, v in batch.items()})
+            for i, value in zip(b, sums.tolist()):
+                out[i] = value
     return out
 
 
