@@ -36,7 +36,7 @@ from llama_lora.progress import Bar
 from llama_lora.train import settings, shard_loading
 from llama_lora.train.objectives.base import Objective
 from llama_lora.train.objectives.kto import KTOObjective
-from llama_lora.train.objectives.preference import PreferenceObjective
+from llama_lora.train.objectives.preference import PreferenceObjective, ReferencedObjective
 from llama_lora.train.objectives.sft import ResponseObjective
 from llama_lora.train.settings import Settings
 
@@ -285,7 +285,7 @@ def make_objective(peft_model, loaded: Loaded) -> Objective:
 
 
 def precompute_reference(
-    objective: PreferenceObjective | KTOObjective,
+    objective: ReferencedObjective,
     peft_model,
     loaded: Loaded,
     start: Path | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_lora.train.objectives.preference import fixed_plan, kto_loss, model_logps
+from llama_lora.train.objectives.preference import ReferencedObjective, kto_loss, model_logps
 
 KL = "kl_"  # the prefix of the KL rows' tensors in a batch
 
@@ -95,10 +95,10 @@ class KTOLoss(torch.nn.Module):
         return {prefix + k: v for k, v in out.items()}
 
 
-class KTOObjective:
-    """KTO as an `Objective` (base.py): `collate` batches the answers and their KL sequences (packed with
-    the fast path's packing, else right-padded), an example is one unit, the metrics are recorded by the
-    loss module."""
+class KTOObjective(ReferencedObjective):
+    """KTO as an `Objective` (base.py, through preference.ReferencedObjective): `collate` batches the answers
+    and their KL sequences, each packed or right-padded; an example is one unit; the reference's summed
+    log-probabilities of every answer and KL sequence are kept on the examples."""
 
     def __init__(
         self,
@@ -112,53 +112,16 @@ class KTOObjective:
         self.module = KTOLoss(model, beta, desirable_weight, undesirable_weight)
         self.pad_id, self.packed = pad_id, packed
 
-    def _rows(self, rows) -> dict[str, torch.Tensor]:
-        from llama_lora.data.batching import collate
-        from llama_lora.kernels.packing import collate_packed
-
-        return collate_packed(rows) if self.packed else collate(rows, self.pad_id)
-
     def collate(self, examples, with_reference: bool = True) -> dict[str, torch.Tensor]:
-        batch = self._rows([e.example for e in examples])
-        batch |= {KL + k: v for k, v in self._rows([e.kl for e in examples]).items()}
+        batch = self.rows([e.example for e in examples])
+        batch |= {KL + k: v for k, v in self.rows([e.kl for e in examples]).items()}
         batch["desirable"] = torch.tensor([e.desirable for e in examples])
         if with_reference:
             batch["ref_logps"] = torch.tensor([e.ref for e in examples], dtype=torch.float32)
             batch["ref_kl_logps"] = torch.tensor([e.ref_kl for e in examples], dtype=torch.float32)
         return batch
 
-    @staticmethod
-    def units(example) -> int:
-        return 1
-
-    def eval_batches(
-        self, examples, batch_size: int, max_batch_tokens: int | None
-    ) -> list[dict[str, torch.Tensor]]:
-        return [
-            self.collate([examples[i] for i in b]) for b in fixed_plan(examples, batch_size, max_batch_tokens)
-        ]
-
-    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
-        return self.module.take_metrics(mode, reduce)
-
-    def recording(self, on: bool) -> None:
-        self.module.record = on
-
-    @torch.no_grad()
-    def precompute_reference(
-        self, examples, batch_size: int, max_batch_tokens: int | None, device, done=None
-    ) -> None:
-        """The reference's summed log-probabilities of every answer and KL sequence, under the model as it is
-        now (before the first step), in eval mode; computed again identically on --resume. `done(n)` is told
-        of each batch's n examples (a progress bar)."""
-        was_training = self.module.training
-        self.module.eval()
-        for b in fixed_plan(examples, batch_size, max_batch_tokens):
-            chosen = [examples[i] for i in b]
-            batch = self.collate(chosen, with_reference=False)
-            sums, kl_sums = self.module(**{k: v.to(device) for k, v in batch.items()}, logps_only=True)
-            for k, example in enumerate(chosen):
-                example.ref, example.ref_kl = float(sums[k]), float(kl_sums[k])
-            if done is not None:
-                done(len(chosen))
-        self.module.train(was_training)
+    def keep_reference(self, examples, logps) -> None:
+        sums, kl_sums = logps
+        for k, example in enumerate(examples):
+            example.ref, example.ref_kl = float(sums[k]), float(kl_sums[k])

@@ -278,11 +278,75 @@ class PreferenceLoss(torch.nn.Module):
         return {prefix + k: v / pairs for k, v in zip(self.KEYS, totals)} if pairs else {}
 
 
-class PreferenceObjective:
-    """DPO or ORPO as an `Objective` (base.py): `collate` puts pairs in one batch, chosen rows first; a
-    pair is one unit; the reward metrics are recorded by the loss module. With `packed` (the fast
-    path's packing) a batch's 2n answers are packed into one sequence, attention kept per row, and the sums
-    are taken per row; otherwise they are a right-padded batch."""
+class ReferencedObjective:
+    """What the objectives that score whole answers share (DPO/ORPO here, KTO in kto.py): an example is one
+    unit, evaluation batches come in a fixed order, the loss module records the metrics, rows are batched
+    packed (the fast path's packing: one sequence, attention kept per row) or right-padded, and the
+    reference's log-probabilities are computed once, before the first step. A subclass sets `module`,
+    `pad_id`, `packed`, writes `collate(examples, with_reference)` and `keep_reference`, and says in
+    `needs_reference` whether it has a reference."""
+
+    module: torch.nn.Module
+    pad_id: int
+    packed: bool
+    needs_reference = True
+
+    def rows(self, rows) -> dict[str, torch.Tensor]:
+        """Tokenized rows as one batch, packed or right-padded."""
+        from llama_lora.data.batching import collate
+        from llama_lora.kernels.packing import collate_packed
+
+        return collate_packed(rows) if self.packed else collate(rows, self.pad_id)
+
+    def collate(self, examples, with_reference: bool = True) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def keep_reference(self, examples, logps) -> None:
+        """Store on `examples` what `module(..., logps_only=True)` returned for their batch."""
+        raise NotImplementedError
+
+    @staticmethod
+    def units(example) -> int:
+        return 1
+
+    def eval_batches(
+        self, examples, batch_size: int, max_batch_tokens: int | None
+    ) -> list[dict[str, torch.Tensor]]:
+        plan = fixed_plan(examples, batch_size, max_batch_tokens)
+        return [self.collate([examples[i] for i in b]) for b in plan]
+
+    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
+        return self.module.take_metrics(mode, reduce)
+
+    def recording(self, on: bool) -> None:
+        self.module.record = on
+
+    @torch.no_grad()
+    def precompute_reference(
+        self, examples, batch_size: int, max_batch_tokens: int | None, device, done=None
+    ) -> None:
+        """The reference's log-probabilities of every example under the model as it is now (before the first
+        step: the base with a fresh adapter, or the adapter training starts from), in eval mode, kept on the
+        examples. Computed again identically on --resume, since `attach` runs before a checkpoint is
+        restored. `done(n)` is told of each batch's n examples (a progress bar)."""
+        if not self.needs_reference or not examples:
+            return
+        was_training = self.module.training
+        self.module.eval()
+        for b in fixed_plan(examples, batch_size, max_batch_tokens):
+            chosen = [examples[i] for i in b]
+            batch = self.collate(chosen, with_reference=False)
+            self.keep_reference(
+                chosen, self.module(**{k: v.to(device) for k, v in batch.items()}, logps_only=True)
+            )
+            if done is not None:
+                done(len(chosen))
+        self.module.train(was_training)
+
+
+class PreferenceObjective(ReferencedObjective):
+    """DPO or ORPO as an `Objective` (base.py): `collate` puts pairs in one batch, chosen rows first (2n
+    answers, packed or padded, the sums taken per row); a pair is one unit. Only DPO has a reference."""
 
     def __init__(
         self,
@@ -295,55 +359,20 @@ class PreferenceObjective:
     ):
         self.module = PreferenceLoss(model, kind, beta, label_smoothing)
         self.kind, self.pad_id, self.packed = kind, pad_id, packed
+        self.needs_reference = kind == "dpo"
 
     def collate(self, pairs, with_reference: bool = True) -> dict[str, torch.Tensor]:
-        from llama_lora.data.batching import collate
-        from llama_lora.kernels.packing import collate_packed
-
-        rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        batch = collate_packed(rows) if self.packed else collate(rows, self.pad_id)
-        if self.kind == "dpo" and with_reference:
+        batch = self.rows([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        if self.needs_reference and with_reference:
             refs = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
             batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
         return batch
 
-    @staticmethod
-    def units(pair) -> int:
-        return 1
-
-    def eval_batches(
-        self, pairs, batch_size: int, max_batch_tokens: int | None
-    ) -> list[dict[str, torch.Tensor]]:
-        return [self.collate([pairs[i] for i in b]) for b in fixed_plan(pairs, batch_size, max_batch_tokens)]
-
-    def take_metrics(self, mode: str = "train", reduce=None) -> dict[str, float]:
-        return self.module.take_metrics(mode, reduce)
-
-    def recording(self, on: bool) -> None:
-        self.module.record = on
-
-    @torch.no_grad()
-    def precompute_reference(
-        self, pairs, batch_size: int, max_batch_tokens: int | None, device, done=None
-    ) -> None:
-        """DPO's reference: each pair's summed log-probabilities under the model as it is now (before the
-        first step: the base with a fresh adapter, or the adapter training starts from), in eval mode.
-        Computed again identically on --resume, since `attach` runs before a checkpoint is restored.
-        `done(n)` is told of each batch's n pairs (a progress bar)."""
-        if self.kind != "dpo" or not pairs:
-            return
-        was_training = self.module.training
-        self.module.eval()
-        for b in fixed_plan(pairs, batch_size, max_batch_tokens):
-            chosen = [pairs[i] for i in b]
-            batch = self.collate(chosen, with_reference=False)
-            sums, _ = self.module(**{k: v.to(device) for k, v in batch.items()}, logps_only=True)
-            n = len(chosen)
-            for k, pair in enumerate(chosen):
-                pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])
-            if done is not None:
-                done(n)
-        self.module.train(was_training)
+    def keep_reference(self, pairs, logps) -> None:
+        sums, _ = logps
+        n = len(pairs)
+        for k, pair in enumerate(pairs):
+            pair.ref_chosen, pair.ref_rejected = float(sums[k]), float(sums[n + k])
 
 
 def fixed_plan(pairs, batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
