@@ -117,19 +117,46 @@ class PeftConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = "sft"
     """`sft`: learn the responses. `dpo` / `orpo`: learn from preference pairs (a prompt, a chosen and a
-    rejected answer); `kto`: from single answers labelled desirable or undesirable (docs/preference.md).
-    The DPO and KTO reference is the model as training starts."""
-    beta: float = Field(0.1, gt=0)
-    """DPO and KTO: how far the policy may move from the reference (higher: stays closer); ORPO: the weight of
-    the odds-ratio term against the chosen answer's NLL."""
+    rejected answer); `kto`: from single answers labelled desirable or undesirable (docs/preference.md);
+    `grpo`: from the model's own completions of prompts, scored by `rewards` (docs/grpo.md). The DPO and KTO
+    reference is the model as training starts."""
+    beta: float | None = Field(None, ge=0, validate_default=True)
+    """DPO and KTO: how far the policy may move from the reference (higher: stays closer; default 0.1); ORPO:
+    the weight of the odds-ratio term against the chosen answer's NLL (0.1); GRPO: the weight of the KL to
+    the reference (default 0: none, and no reference pass)."""
     kto_desirable_weight: float = Field(1.0, gt=0)
     """KTO: the weight of a desirable answer's loss (TRL's `desirable_weight`)."""
     kto_undesirable_weight: float = Field(1.0, gt=0)
     """KTO: the weight of an undesirable answer's loss (TRL's `undesirable_weight`). With unequal counts, TRL
     advises weights such that desirable_weight x desirable rows / (undesirable_weight x undesirable rows) lies
     in [1, 4/3]."""
+    num_generations: int = Field(8, ge=2)
+    """GRPO: completions sampled per prompt (a group); `batch_size` counts completions."""
+    max_completion_length: int = Field(256, gt=0)
+    """GRPO: most tokens of a completion (a longer one is cut there: `completions/clipped_ratio`)."""
+    temperature: float = Field(1.0, gt=0)
+    """GRPO: sampling temperature; log-probabilities are taken at it too (TRL)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """GRPO: nucleus and top-k sampling (0: off)."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """GRPO: how token losses become the step's loss (TRL's names; docs/grpo.md)."""
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+    """GRPO: the clip range of the importance ratio, [1 - epsilon, 1 + epsilon_high] (default: epsilon)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide advantages by the group's reward std, the step's, or nothing (Dr. GRPO; TRL's false)."""
+    num_iterations: int = Field(1, ge=1)
+    """GRPO: optimizer steps each step's completions serve (ratios against the sampling policy)."""
+    mask_truncated_completions: bool = False
+    """GRPO: completions cut at `max_completion_length` count for nothing in the loss (DAPO)."""
+    rewards: list[str] = Field(default_factory=list, validate_default=True)
+    """GRPO: reward functions, built-in names (exact_answer, answer_format, length_penalty, python_check)
+    or `path/to/file.py:function` (docs/grpo.md)."""
+    reward_weights: list[float] | None = None
+    """GRPO: one weight per reward (default: 1 each); the total reward is the weighted sum."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """DPO only: the assumed probability that a pair's preference is flipped (conservative DPO)."""
     epochs: float = Field(1.0, gt=0)
@@ -183,6 +210,53 @@ class TrainConfig(Section):
             return [value]
         if isinstance(value, list):
             return list(dict.fromkeys(value))  # a tracker named twice is opened once
+        return value
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: float | None, info) -> float:
+        objective = info.data.get("objective", "sft")
+        if value is None:
+            return 0.0 if objective == "grpo" else 0.1
+        if value == 0 and objective in ("dpo", "orpo", "kto"):
+            raise ValueError(f"must be greater than 0 for {objective}")
+        return value
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_flag(cls, value: Any) -> Any:  # TRL's older true / false
+        return ("group" if value else "none") if isinstance(value, bool) else value
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_for_grpo(cls, value: list[str], info) -> list[str]:
+        if info.data.get("objective") == "grpo" and not value:
+            raise ValueError(
+                "grpo needs at least one reward, e.g. [exact_answer, answer_format] (docs/grpo.md)"
+            )
+        return value
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _one_weight_each(cls, value: list[float] | None, info) -> list[float] | None:
+        rewards = info.data.get("rewards") or []
+        if value is not None and len(value) != len(rewards):
+            raise ValueError(f"{len(value)} weights for {len(rewards)} rewards; give one per reward")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _whole_groups(cls, value: int, info) -> int:
+        g = info.data.get("num_generations", 8)
+        if info.data.get("objective") == "grpo" and value % g:
+            raise ValueError(f"grpo trains whole groups: make it a multiple of train.num_generations ({g})")
+        return value
+
+    @field_validator("sharding")
+    @classmethod
+    def _grpo_unsharded(cls, value: str, info) -> str:
+        if value == "fsdp" and info.data.get("objective") == "grpo":
+            raise ValueError("grpo samples with the whole model in each process: use none (data parallel)")
         return value
 
     @field_validator("max_batch_tokens")

@@ -122,13 +122,16 @@ class Reporter(Bar):
             "train",
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[extra]}"),
             total=total,
             eta=True,
             quiet=quiet,
             console=console,
             loss="-",
             tps="-",
+            extra="",
         )
 
-    def update(self, step: int, loss: float, tokens_per_second: float) -> None:
-        self.set_completed(step, loss=f"{loss:.4f}", tps=f"{tokens_per_second:.0f}")
+    def update(self, step: int, loss: float, tokens_per_second: float, extra: str = "") -> None:
+        """`extra`: what the objective adds (GRPO: the mean reward)."""
+        self.set_completed(step, loss=f"{loss:.4f}", tps=f"{tokens_per_second:.0f}", extra=extra)

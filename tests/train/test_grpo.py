@@ -95,14 +95,22 @@ def test_grpo_loss_matches_grpo_trainer(loss_type, beta):
 
 
 def test_a_step_of_micro_batches_gives_the_whole_batch_loss():
-    """The loop divides a step's summed loss by its summed units: split in two micro-batches, every loss type
-    gives the loss of the whole batch (grpo, dr_grpo: per completion; dapo, bnpo: per completion token)."""
+    """The loop divides a step's summed loss by its summed units: split in two micro-batches of three, grpo,
+    dr_grpo (per completion) and dapo (per completion token) give the loss of the whole batch, and bnpo the
+    mean of the micro-batches' own token means, as TRL's accumulation does."""
     logps, old, _, mask, advantages = _inputs(6, seed=2)
-    for loss_type in ("grpo", "dapo", "dr_grpo", "bnpo"):
+    halves = (slice(0, 3), slice(3, 6))
+    parts = [batch_loss(token_losses(logps[s], old[s], advantages[s])[0], mask[s], "bnpo", 7) for s in halves]
+    means = [
+        float((token_losses(logps[s], old[s], advantages[s])[0] * mask[s]).sum() / mask[s].sum())
+        for s in halves
+    ]
+    assert abs(float(sum(p[0] for p in parts) / sum(p[1] for p in parts)) - sum(means) / 2) < TOL
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
         whole = batch_loss(token_losses(logps, old, advantages)[0], mask, loss_type, MAX_COMPLETION)
         parts = [
             batch_loss(token_losses(logps[s], old[s], advantages[s])[0], mask[s], loss_type, MAX_COMPLETION)
-            for s in (slice(0, 2), slice(2, 6))
+            for s in halves
         ]
         split = sum(p[0] for p in parts) / sum(p[1] for p in parts)
         assert abs(split.item() - (whole[0] / whole[1]).item()) < TOL, loss_type

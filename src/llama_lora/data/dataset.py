@@ -1,5 +1,5 @@
 """A config's data as training uses it: the tokenized training and held-out examples (SFT examples,
-preference pairs or KTO examples), with the template chosen and notes for the log (what was cut, dropped or left unfilled).
+preference pairs, KTO examples or GRPO's prompts), with the template chosen and notes for the log (what was cut, dropped or left unfilled).
 `train/build.py` and `data inspect` (inspection.py) both load through `load_dataset`, so they never differ.
 """
 
@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 
 from llama_lora.config import Config
-from llama_lora.data import encoding, kto, pairs, placeholders, sources, templates
+from llama_lora.data import encoding, kto, pairs, placeholders, prompts, sources, templates
 from llama_lora.errors import DataError
 
 
@@ -35,6 +35,7 @@ def load_dataset(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | N
     prepare = {
         "sft": encoding.prepare,
         "kto": functools.partial(kto.prepare_kto, block=cfg.train.batch_size),
+        "grpo": prompts.prepare_prompts,
     }.get(cfg.train.objective, pairs.prepare_pairs)
     train_ex, tstats = prepare(train_rows, tokenizer, cfg.data, template, where=cfg.data.source)
     eval_ex, estats = prepare(eval_rows, tokenizer, cfg.data, template, where=f"{cfg.data.source} (eval)")

@@ -29,7 +29,11 @@ LOCAL_EXTENSIONS = {
 }
 
 
-BUNDLED = {"demo": "", "demo-pairs": "pairs"}  # data.source aliases -> folders of demo_data/
+BUNDLED = {
+    "demo": "",
+    "demo-pairs": "pairs",
+    "demo-arithmetic": "arithmetic",
+}  # data.source aliases -> folders of demo_data/
 
 
 def bundled_dir(source: str = "demo") -> Path:

@@ -77,12 +77,14 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 def side_metrics(loaded, examples, prompts, references, probe, settings, cfg=None) -> dict[str, Any]:
-    loss = eval_loss(loaded, examples, cfg)
+    """One side's metrics; `examples` None (GRPO's prompts): no loss, the rewards score the replies."""
     generations = generate.generate_many(loaded, prompts, settings)
     texts = [g.text for g in generations]
-    out = {
-        "eval_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+    out: dict[str, Any] = {}
+    if examples is not None:
+        loss = eval_loss(loaded, examples, cfg)
+        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    out |= {
         "rouge_l": rouge_l(texts, references),
         "mean_generated_tokens": statistics.fmean(len(g.token_ids) for g in generations),
         "stop_rate": sum(g.stopped for g in generations) / len(generations),
@@ -109,7 +111,12 @@ def held_out_pairs(rows, loaded, dcfg, label):
         prompts.append(prompt)
         references.append(chosen["content"])
     chosen_examples = [p.chosen for p in pair_examples]
-    return prompts, references, chosen_examples, lambda cfg: preference_metrics(loaded, pair_examples, cfg)
+    return (
+        prompts,
+        references,
+        chosen_examples,
+        lambda cfg, texts: preference_metrics(loaded, pair_examples, cfg),
+    )
 
 
 def held_out_kto(rows, loaded, dcfg, label):
@@ -131,7 +138,7 @@ def held_out_kto(rows, loaded, dcfg, label):
     if not prompts:
         raise CompareError(f"compare: {label} holds no desirable answers to compare generations with")
     good = [e.example for e in examples if e.desirable]
-    return prompts, references, good, lambda cfg: kto_metrics(loaded, examples, cfg)
+    return prompts, references, good, lambda cfg, texts: kto_metrics(loaded, examples, cfg)
 
 
 @torch.no_grad()
@@ -188,9 +195,39 @@ def kto_metrics(loaded, kto_examples, cfg: Config | None) -> dict[str, float]:
     return out
 
 
+def held_out_grpo(rows, loaded, dcfg, label):
+    """GRPO's prompts -> prompts, each row's `answer` (or "") as the reference for ROUGE-L, no loss examples,
+    and the side's rewards over its replies (`extra(cfg, texts)`: held-out reward and accuracy)."""
+    from llama_lora.data import prompts as prompt_rows
+    from llama_lora.train import rewards
+    from llama_lora.train.objectives.grpo_objective import score_completions
+    from llama_lora.train.rollouts import Completion
+
+    examples, _ = prompt_rows.prepare_prompts(rows, loaded.tokenizer, dcfg, loaded.template, where=label)
+    if not examples:
+        raise CompareError(f"compare: {label} has no usable prompts")
+    prompts = [[m for m in e.messages if m["role"] != "system"] for e in examples]
+    references = [str(e.columns.get("answer") or "") for e in examples]
+
+    def extra(cfg, texts: list[str]) -> dict[str, float]:
+        specs = rewards.load_rewards(cfg.train.rewards, cfg.train.reward_weights)
+        scores = score_completions(specs, examples, [Completion([], t, False) for t in texts])
+        out = {"reward": statistics.fmean(scores.total)}
+        for spec in specs:
+            values = [v for v in scores.per_reward[spec.name] if v is not None]
+            out[f"reward/{spec.name}"] = statistics.fmean(values) if values else math.nan
+            if values and all(v in (0.0, 1.0) for v in values):
+                out[f"accuracy/{spec.name}"] = out[f"reward/{spec.name}"]
+        return out
+
+    return prompts, references, None, extra
+
+
 def held_out_prompts(rows, loaded, dcfg, label, objective: str):
     """The prompts, their references, the examples whose loss is measured, and the side's extra metrics
-    (`extra(cfg)`: a preference or KTO run's; None for SFT)."""
+    (`extra(cfg, texts)`: a preference, KTO or GRPO run's, given the side's replies; None for SFT)."""
+    if objective == "grpo":
+        return held_out_grpo(rows, loaded, dcfg, label)
     if objective == "kto":
         return held_out_kto(rows, loaded, dcfg, label)
     if objective != "sft":  # dpo, orpo: the held-out rows are pairs, the chosen answer the reference
@@ -212,7 +249,7 @@ def both_sides(loaded, examples, prompts, references, probe, settings, extra, lo
 
     def one_side() -> dict[str, Any]:
         out = side_metrics(loaded, examples, prompts, references, probe, settings, cfg)
-        return {**out, **extra(cfg)} if extra is not None else out
+        return {**out, **extra(cfg, out["generations"])} if extra is not None else out
 
     adapter_side = one_side()
     log("... and the base model (adapter switched off)")

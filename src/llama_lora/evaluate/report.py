@@ -28,7 +28,9 @@ def metric_rows(result: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     """(label, base, adapter, verdict) for every metric both sides have."""
     base, adapter = result["base"], result["adapter_metrics"]
     rows = []
-    for key, label, better in ROWS:
+    rewards = [k for k in adapter if k == "reward" or k.startswith(("reward/", "accuracy/"))]  # GRPO's
+    named = [(k, "held-out " + k.replace("/", " (") + (")" if "/" in k else ""), "higher") for k in rewards]
+    for key, label, better in named + ROWS:
         if key not in base or key not in adapter:
             continue
         b, a = base[key], adapter[key]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama_lora.infer.decode import Bf16Decoder, decoder_for
+from llama_lora.infer.decode import Bf16Decoder, decoder_for, unsupported
 from llama_lora.infer.sampling import Sampling, choose, penalize
 from llama_lora.infer.slot_cache import SlotCache
 
@@ -53,6 +53,7 @@ class Sequence:
     finish: str | None = None  # "stop" (a stop token or string), "length", "cancelled", "error"
     error: str | None = None  # what went wrong, for "error"
     generator: torch.Generator | None = None
+    stop_token: int | None = None  # the stop token that ended it (not in `tokens`)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
 
@@ -99,6 +100,10 @@ class Engine:
         self.context = context or getattr(model.config, "max_position_embeddings", None) or 2048
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if precision == "bf16" and (decoder is not None or unsupported(model) is None):
+            self.dtype = (
+                torch.float32
+            )  # decode.py keeps keys and values in float32, whatever the weights' dtype
         self.cache = SlotCache(model.config, slots, self.dtype, self.device)
         self.decode_text = decode  # ids -> text, for stop strings
         self.live: list[Sequence] = []
@@ -345,6 +350,7 @@ class Engine:
             logits = penalize(logits, seen, seq.sampling.repetition_penalty)
         token = choose(logits, seq.sampling, seq.generator)
         if token in self.stop_ids:
+            seq.stop_token = token
             return self._end(seq, "stop")
         seq.tokens.append(token)
         ended = seq.on_token(token) if seq.on_token is not None else None

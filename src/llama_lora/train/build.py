@@ -26,6 +26,7 @@ import torch
 
 from llama_lora import meta, run_dir
 from llama_lora.config import Config, TrainConfig
+from llama_lora.data import templates
 from llama_lora.data.batching import pad_id_for, plan_batches
 from llama_lora.data.dataset import Dataset, load_dataset
 from llama_lora.errors import ConfigError
@@ -33,11 +34,13 @@ from llama_lora.kernels import fused
 from llama_lora.kernels.fastpath import FastPath
 from llama_lora.model import adapters, hardware, loader
 from llama_lora.progress import Bar
-from llama_lora.train import settings, shard_loading
+from llama_lora.train import rewards, settings, shard_loading
 from llama_lora.train.objectives.base import Objective
+from llama_lora.train.objectives.grpo_objective import Context, GRPOObjective
 from llama_lora.train.objectives.kto import KTOObjective
 from llama_lora.train.objectives.preference import PreferenceObjective, ReferencedObjective
 from llama_lora.train.objectives.sft import ResponseObjective
+from llama_lora.train.rollouts import Rollouts
 from llama_lora.train.settings import Settings
 
 
@@ -72,14 +75,17 @@ def micro_batch_plan(
     example indices; see parallel.py), and how many micro-batches one epoch has."""
     tcfg = cfg.train
     lengths = [len(e) for e in ds.train]
+    rows, reuse = tcfg.batch_size, 1
+    if tcfg.objective == "grpo":  # whole groups of completions per micro-batch, each step's kept N steps
+        rows, budget, reuse = tcfg.batch_size // tcfg.num_generations, None, tcfg.num_iterations
 
     def epoch_plan(epoch: int) -> list[list[int]]:
-        return plan_batches(lengths, tcfg.batch_size, budget, seed=tcfg.seed + epoch)
+        return plan_batches(lengths, rows, budget, seed=tcfg.seed + epoch)
 
     per_epoch = len(epoch_plan(0))
     plan: list[list[int]] = []
     if tcfg.max_steps:
-        wanted = tcfg.max_steps * tcfg.grad_accum * processes
+        wanted = math.ceil(tcfg.max_steps / reuse) * tcfg.grad_accum * processes
         epoch = 0
         while len(plan) < wanted:
             plan.extend(epoch_plan(epoch))
@@ -91,7 +97,9 @@ def micro_batch_plan(
             fraction = min(1.0, tcfg.epochs - epoch)
             plan.extend(batches[: max(1, round(len(batches) * fraction))])
     per_step = tcfg.grad_accum * processes
-    return [plan[i : i + per_step] for i in range(0, len(plan), per_step)], per_epoch
+    steps = [plan[i : i + per_step] for i in range(0, len(plan), per_step)]
+    steps = [group for group in steps for _ in range(reuse)]
+    return (steps[: tcfg.max_steps] if tcfg.max_steps else steps), per_epoch
 
 
 def load_base(
@@ -227,12 +235,12 @@ def attach(
             start_from=start,
         )
     s.fast_path.install(peft_model, loaded.model, layers=layers)
-    objective = make_objective(peft_model, loaded)
+    objective = make_objective(peft_model, loaded, fresh=start is None)
     if strategy is not None:
         strategy.shard_model(objective.module, peft_model, s.device)
     if loaded.shards is not None:
         shard_loading.materialise(objective.module, peft_model, loaded.shards, s.device, start)
-    if cfg.train.objective != "sft":
+    if cfg.train.objective in ("dpo", "orpo", "kto"):
         precompute_reference(objective, peft_model, loaded, start, quiet)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
@@ -270,10 +278,14 @@ def plan_notes(cfg: Config, steps: list[list[list[int]]]) -> list[str]:
     ]
 
 
-def make_objective(peft_model, loaded: Loaded) -> Objective:
-    """The `Objective` `train.objective` names, on the adapted model."""
+def make_objective(peft_model, loaded: Loaded, fresh: bool = True) -> Objective:
+    """The `Objective` `train.objective` names, on the adapted model. `fresh`: no `model.adapter` to continue."""
     s, t = loaded.settings, loaded.cfg.train
     pad = pad_id_for(loaded.tokenizer)
+    if t.objective == "grpo":
+        return grpo_objective(
+            peft_model, loaded, fresh and loaded.cfg.peft.init_lora_weights in (True, "gaussian")
+        )
     if t.objective == "sft":
         return ResponseObjective(peft_model, collate=lambda rows: s.fast_path.collate(rows, pad), pad_id=pad)
     if t.objective == "kto":
@@ -281,6 +293,36 @@ def make_objective(peft_model, loaded: Loaded) -> Objective:
         return KTOObjective(peft_model, t.beta, *weights, pad, packed=s.fast_path.packing)
     return PreferenceObjective(
         peft_model, t.objective, t.beta, t.label_smoothing, pad, packed=s.fast_path.packing
+    )
+
+
+def grpo_objective(peft_model, loaded: Loaded, fresh: bool) -> GRPOObjective:
+    """GRPO's objective: its rewards, its sampler (the engine, in bf16 on a CPU that trains in bf16) and where
+    it runs. `fresh`: the adapter starts at B = 0 (the KL reference is then the base, the adapter off)."""
+    from accelerate import PartialState
+
+    s, cfg = loaded.settings, loaded.cfg
+    device = next(p for p in peft_model.parameters()).device
+    sampler = Rollouts(
+        peft_model,
+        loaded.tokenizer,
+        templates.stop_token_ids(loaded.tokenizer, loaded.model),
+        bf16=s.device == "cpu" and s.precision == "bf16",
+        context=getattr(loaded.model.config, "max_position_embeddings", None),
+    )
+    state = PartialState()
+    where = Context(
+        device,
+        (device.type, torch.float16 if s.precision == "fp16" else torch.bfloat16, s.autocast),
+        Path(cfg.output.dir),
+        state.is_main_process,
+        state.process_index,
+        state.num_processes,
+    )
+    specs = rewards.load_rewards(cfg.train.rewards, cfg.train.reward_weights)
+    pad = pad_id_for(loaded.tokenizer)
+    return GRPOObjective(
+        peft_model, loaded, specs, sampler, lambda rows: s.fast_path.collate(rows, pad), where, fresh
     )
 
 

@@ -68,7 +68,6 @@ class Run:
             setup.objective.module, setup.optimizer, self.cfg.model.load_in_4bit
         )
         self.eval_module = accelerator.unwrap_model(self.module)  # evaluation needs no gradient sync
-        self.units = [setup.objective.units(e) for e in self.ds.train]
         tcfg, budget = self.cfg.train, setup.loaded.settings.batch_tokens
         self.eval_batches = setup.objective.eval_batches(self.ds.eval, tcfg.batch_size, budget)
         self.counters = Counters(processes=self.world)
@@ -165,12 +164,16 @@ class Run:
         """Optimizer step `number` over `group`'s micro-batches (this process's share of them): the summed
         loss and units of the whole group, its non-padding tokens, and whether any process asked to stop."""
         s, acc, rows = self.setup, self.accelerator, self.ds.train
-        units = sum(self.units[i] for b in group for i in b)  # the whole group's, on every process
-        tokens = sum(len(rows[i]) for b in group for i in b)
-        share = parallel.my_share(group, self.rank, self.world)
+        share = [
+            ([rows[i] for i in b], weight) for b, weight in parallel.my_share(group, self.rank, self.world)
+        ]
+        # the whole group's units and tokens, on every process (GRPO samples its completions here)
+        units, tokens = s.objective.begin_step(
+            number, [[rows[i] for i in b] for b in group], share, self.sum_across
+        )
         loss = 0.0
-        for slot, (b, weight) in enumerate(share):
-            batch = {k: v.to(acc.device) for k, v in s.objective.collate([rows[i] for i in b]).items()}
+        for slot, (examples, weight) in enumerate(share):
+            batch = {k: v.to(acc.device) for k, v in s.objective.collate(examples).items()}
             s.objective.recording(weight > 0)  # a weightless re-run adds nothing to the metrics
             last = slot == len(share) - 1
             # gradients are averaged over processes; x world makes them the group's sum / units
@@ -203,7 +206,9 @@ class Run:
                 loss, units, tokens, stop = self.step(step, group, interrupt)
                 c.add(loss, units, tokens, len(group), time.perf_counter() - t0)
                 epoch = round(c.micro_done / self.setup.per_epoch, 4)
-                reporter.update(step, c.last_loss, c.tokens_seen / c.train_time)
+                reporter.update(
+                    step, c.last_loss, c.tokens_seen / c.train_time, self.setup.objective.progress()
+                )
                 if step % tcfg.logging_steps == 0 or step == last:
                     lr = self.setup.scheduler.get_last_lr()[0]
                     window = c.take_window()

@@ -1,5 +1,4 @@
-"""Reward functions for GRPO: the built-ins, loading user ones, scoring a batch. (`train.objective: grpo`,
-which will call them, is issue 31's next step; nothing in the trainer does yet.)
+"""Reward functions for GRPO (`train.rewards`): the built-ins, loading user ones, scoring a batch.
 
 A reward function has TRL's signature, so a function written for TRL's GRPOTrainer works here unchanged:
 `fn(prompts, completions, **columns) -> list[float | None]`. `columns` holds every dataset column of the
@@ -175,16 +174,22 @@ class Scores:
 
 
 def score(
-    specs: list[RewardSpec], prompts: list, completions: list, columns: dict[str, list], first_row: int = 0
+    specs: list[RewardSpec],
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    first_row: int = 0,
+    rows: list[int] | None = None,
 ) -> Scores:
     """Every reward over a batch and the totals: per completion, the sum of weight x reward over the rewards
-    that apply (TRL's `nansum`; 0.0 where none does). `first_row` is the batch's first row in the dataset,
-    so a RewardError names the dataset row."""
+    that apply (TRL's `nansum`; 0.0 where none does). A RewardError names the dataset row: `rows[i]` for
+    completion i where given (a row's completions share its number), else `first_row + i`."""
     n = len(completions)
     if len(prompts) != n or any(len(v) != n for v in columns.values()):
         raise ValueError(f"prompts and every column must have one entry per completion ({n})")
+    rows = rows if rows is not None else list(range(first_row, first_row + n))
     kwargs = {k: list(v) for k, v in columns.items() if k not in NOT_COLUMNS}
-    per_reward = {s.name: _run(s, prompts, completions, kwargs, first_row) for s in specs}
+    per_reward = {s.name: _run(s, prompts, completions, kwargs, rows) for s in specs}
     total = [
         sum((s.weight * per_reward[s.name][i] for s in specs if per_reward[s.name][i] is not None), 0.0)
         for i in range(n)
@@ -192,22 +197,28 @@ def score(
     return Scores(per_reward, total)
 
 
-def _run(spec: RewardSpec, prompts: list, completions: list, columns: dict, first_row: int) -> list:
+def _span(rows: list[int]) -> str:
+    low, high = min(rows), max(rows)
+    return f"row {low}" if low == high else f"rows {low}-{high}"
+
+
+def _run(spec: RewardSpec, prompts: list, completions: list, columns: dict, rows: list[int]) -> list:
     n, name = len(completions), spec.name
-    rows = f"row {first_row}" if n == 1 else f"rows {first_row}-{first_row + n - 1}"
     try:
         out = spec.fn(prompts=prompts, completions=completions, **columns)
     except RowValueError as exc:
-        raise RewardError(f"reward {name!r} at row {first_row + exc.position}: {_one_line(exc)}") from exc
+        raise RewardError(f"reward {name!r} at row {rows[exc.position]}: {_one_line(exc)}") from exc
     except Exception as exc:
-        raise RewardError(f"reward {name!r} raised {_one_line(exc)} ({rows})") from exc
+        raise RewardError(f"reward {name!r} raised {_one_line(exc)} ({_span(rows)})") from exc
     if not isinstance(out, (list, tuple)):
-        raise RewardError(f"reward {name!r} returned a {type(out).__name__}, not a list of rewards ({rows})")
+        raise RewardError(
+            f"reward {name!r} returned a {type(out).__name__}, not a list of rewards ({_span(rows)})"
+        )
     if len(out) != n:
         raise RewardError(
-            f"reward {name!r} returned the wrong number of rewards ({rows}): expected {n}, got {len(out)}"
+            f"reward {name!r} returned the wrong number of rewards ({_span(rows)}): expected {n}, got {len(out)}"
         )
-    return [_value(name, v, first_row + i) for i, v in enumerate(out)]
+    return [_value(name, v, rows[i]) for i, v in enumerate(out)]
 
 
 def _value(name: str, value: Any, row: int) -> float | None:

@@ -1,6 +1,8 @@
 """The interface every training objective implements: what the loop (loop.py), build.attach, evaluation and
-`compare` use of it, and nothing else. SFT (sft.py) and DPO/ORPO (preference.py) implement it; a new method
-(KTO, GRPO) is one more module here implementing the same members (ARCHITECTURE.md: "A new objective")."""
+`compare` use of it, and nothing else. SFT (sft.py), DPO/ORPO (preference.py), KTO (kto.py) and GRPO
+(grpo_objective.py) implement it; a new method is one more module here implementing the same members
+(ARCHITECTURE.md: "A new objective"). `FixedExamples` gives the step members of objectives whose examples
+are fixed before training (all but GRPO, which samples its completions at each step)."""
 
 from __future__ import annotations
 
@@ -43,3 +45,34 @@ class Objective(Protocol):
         """Whether the next forwards count in `take_metrics` (off for a data-parallel step's weightless
         re-run of a micro-batch, parallel.my_share)."""
         ...
+
+    def begin_step(
+        self,
+        step: int,
+        micro_batches: Sequence[Sequence[Any]],
+        mine: Sequence[tuple[Sequence[Any], float]],
+        reduce: Callable[..., list[float]],
+    ) -> tuple[float, int]:
+        """Before optimizer step `step`: its micro-batches' examples (every process's) and this process's
+        (examples, weight) share of them. Returns the step's units (the divisor of its summed loss) and its
+        tokens, over all processes (`reduce` sums values across them; every process calls this)."""
+        ...
+
+    def progress(self) -> str:
+        """What the progress bar shows besides the loss ("" for nothing)."""
+        ...
+
+
+class FixedExamples:
+    """`begin_step` and `progress` for an objective whose examples are fixed before training: a step's units
+    are its examples' `units`, its tokens their lengths."""
+
+    def units(self, example: Any) -> int:
+        raise NotImplementedError
+
+    def begin_step(self, step, micro_batches, mine, reduce) -> tuple[float, int]:
+        units = sum(self.units(e) for b in micro_batches for e in b)
+        return units, sum(len(e) for b in micro_batches for e in b)
+
+    def progress(self) -> str:
+        return ""

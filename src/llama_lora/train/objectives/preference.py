@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llama_lora.data.encoding import IGNORE
+from llama_lora.train.objectives.base import FixedExamples
 
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -278,7 +279,7 @@ class PreferenceLoss(torch.nn.Module):
         return {prefix + k: v / pairs for k, v in zip(self.KEYS, totals)} if pairs else {}
 
 
-class ReferencedObjective:
+class ReferencedObjective(FixedExamples):
     """What the objectives that score whole answers share (DPO/ORPO here, KTO in kto.py): an example is one
     unit, evaluation batches come in a fixed order, the loss module records the metrics, rows are batched
     packed (the fast path's packing: one sequence, attention kept per row) or right-padded, and the

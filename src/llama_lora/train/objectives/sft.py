@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_lora.data.encoding import IGNORE
 from llama_lora.kernels.head import LinearCrossEntropy, chunk_rows, decoder_and_head
+from llama_lora.train.objectives.base import FixedExamples
 
 
 class ResponseLoss(nn.Module):
@@ -67,7 +68,7 @@ class ResponseLoss(nn.Module):
         return total, keep.sum()
 
 
-class ResponseObjective:
+class ResponseObjective(FixedExamples):
     """Supervised fine-tuning as an `Objective` (base.py): the response-token loss; a step's summed loss is
     divided by the response tokens of its examples."""
 
