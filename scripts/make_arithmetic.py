@@ -2,6 +2,12 @@
 GRPO: short problems with whole-number answers, the rows `prompt` and `answer`, from a fixed seed, so that
 running this again gives the same files byte for byte (tests/data/test_arithmetic_data.py checks it).
 
+The problems are one addition, subtraction or multiplication with small numbers (sums and differences within
+40, products of 2-5 by 2-5): sized to the embedded SmolLM2-135M-Instruct, which answers about a third of them
+greedily before training and often gets one right among 8 samples, the spread GRPO learns from. Division and
+two-step problems with larger numbers were tried first: the model answered 4 of 100 and rarely sampled a right
+answer, so its groups had nothing to compare (bench/RESULTS.md, session 16 and 17).
+
     python scripts/make_arithmetic.py
 """
 
@@ -36,29 +42,16 @@ ITEMS = ["apples", "books", "coins", "stickers", "pencils", "shells", "marbles",
 
 def _problem(rng: random.Random) -> tuple[str, int]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(["add", "sub", "mul", "div", "two_step"])
+    kind = rng.choice(["add", "sub", "mul"])
     if kind == "add":
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
         return f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
     if kind == "sub":
-        a = rng.randint(10, 60)
+        a = rng.randint(5, 20)
         b = rng.randint(1, a - 1)
         return f"{name} had {a} {item} and gave {b} of them away. How many {item} are left?", a - b
-    if kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        return f"There are {a} boxes with {b} {item} in each box. How many {item} are there in all?", a * b
-    if kind == "div":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        return (
-            f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?",
-            a,
-        )
-    a, b = rng.randint(5, 30), rng.randint(2, 20)
-    c = rng.randint(1, a + b - 1)
-    return (
-        f"{name} has {a} {item}, buys {b} more and then gives {c} away. How many {item} does {name} have?",
-        a + b - c,
-    )
+    a, b = rng.randint(2, 5), rng.randint(2, 5)  # "mul"
+    return f"There are {a} boxes with {b} {item} in each box. How many {item} are there in all?", a * b
 
 
 def rows(n: int, rng: random.Random, seen: set[str]) -> list[dict[str, str]]:

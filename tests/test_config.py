@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,28 @@ def test_cli_fp16_on_cpu_exits_2_and_writes_nothing(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "train.precision" in result.stderr and "CUDA" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_grpo_keys_take_trl_defaults_and_refuse_what_cannot_run():
+    grpo = ["train.objective=grpo", "train.rewards=[exact_answer]"]
+    t = load_config(overrides=grpo).train
+    assert (t.beta, t.num_generations, t.loss_type, t.epsilon, t.scale_rewards) == (
+        0.0,
+        8,
+        "dapo",
+        0.2,
+        "group",
+    )
+    assert load_config(overrides=["train.objective=dpo"]).train.beta == 0.1  # other objectives keep 0.1
+    assert load_config(overrides=[*grpo, "train.scale_rewards=false"]).train.scale_rewards == "none"
+    for extra, needle in [
+        (["train.rewards=[]"], "train.rewards: grpo needs at least one reward"),
+        (["train.batch_size=12"], "train.batch_size: grpo trains whole groups"),
+        (["train.reward_weights=[1, 2]"], "train.reward_weights: 2 weights for 1 rewards"),
+        (["train.sharding=fsdp"], "train.sharding: grpo samples with the whole model"),
+        (["train.num_generations=1"], "train.num_generations"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(overrides=[*grpo, *extra])
+    with pytest.raises(ConfigError, match="train.beta: must be greater than 0 for kto"):
+        load_config(overrides=["train.objective=kto", "train.beta=0"])

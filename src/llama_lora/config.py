@@ -138,14 +138,12 @@ class TrainConfig(Section):
     """GRPO: most tokens of a completion (a longer one is cut there: `completions/clipped_ratio`)."""
     temperature: float = Field(1.0, gt=0)
     """GRPO: sampling temperature; log-probabilities are taken at it too (TRL)."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    """GRPO: nucleus and top-k sampling (0: off)."""
+    top_p: float = Field(1.0, gt=0, le=1)  # GRPO: nucleus sampling
+    top_k: int = Field(0, ge=0)  # GRPO: top-k sampling (0: off)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
     """GRPO: how token losses become the step's loss (TRL's names; docs/grpo.md)."""
-    epsilon: float = Field(0.2, gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0)
-    """GRPO: the clip range of the importance ratio, [1 - epsilon, 1 + epsilon_high] (default: epsilon)."""
+    epsilon: float = Field(0.2, gt=0, lt=1)  # GRPO: the ratio's clip range, [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = Field(None, gt=0)  # default: epsilon
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: divide advantages by the group's reward std, the step's, or nothing (Dr. GRPO; TRL's false)."""
     num_iterations: int = Field(1, ge=1)

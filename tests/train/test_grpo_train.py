@@ -15,7 +15,7 @@ from llama_lora import run_dir
 from llama_lora.config import load_config
 from llama_lora.train import checkpoint
 from llama_lora.train.loop import train
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import cli_in_process, run_cli, tiny_overrides
 from tests.train.test_reliability import adapter_max_diff, start_training, wait_for
 
 REWARDS = '''
@@ -88,6 +88,16 @@ def test_two_grpo_steps_sample_score_and_train(tiny_model_dir, prompts, tmp_path
     # the adapter moved: B started at zero
     moved = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert moved and max(float(p.detach().abs().max()) for p in moved) > 0
+
+    # compare: the held-out prompts answered greedily by both sides, scored by the run's rewards
+    code, _, err = cli_in_process("compare", str(out), "--max-new-tokens", "6")
+    assert code == 0, err
+    compared = json.loads((out / "compare.json").read_text())
+    for side in (compared["base"], compared["adapter_metrics"]):
+        assert {"reward", "reward/exact_answer", "accuracy/exact_answer", "reward/longer"} <= set(side)
+        assert "eval_loss" not in side and side["reward"] > 0  # longer: every reply has characters
+    assert compared["n"] == 4 and all(ex["reference"] for ex in compared["examples"])  # the answer column
+    assert "held-out accuracy (exact_answer)" in (out / "report.md").read_text()
 
 
 def test_grpo_with_kl_and_reused_completions_logs_kl(tiny_model_dir, prompts, tmp_path):
@@ -167,3 +177,33 @@ def test_the_loss_module_takes_each_completion_tokens_log_probability(packed):
         want = torch.log_softmax(logits, -1)[len(p) - 1 : -1].gather(1, torch.tensor(c)[:, None])[:, 0]
         assert torch.allclose(got[i, : len(c)], want, atol=1e-5)
         assert torch.all(got[i, len(c) :] == 0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_processes_split_the_groups_and_train_as_one(tiny_model_dir, prompts, tmp_path):
+    """Data parallel: each process samples its share of the step's prompts (whole groups, the same seeds as
+    one process would use), the step's units are summed over both; so the adapter and the logged rewards
+    equal those of one process running the same micro-batches with grad_accum 2."""
+    from safetensors.torch import load_file
+
+    from tests.train.test_multi import torchrun
+
+    extra = {"train.max_steps": 2, "train.device": "cpu", "data.eval_fraction": 0.0}
+    two = tmp_path / "two"
+    done = torchrun("train", "--quiet", *grpo_overrides(tiny_model_dir, prompts, two, **extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = tmp_path / "one"
+    train(
+        load_config(
+            overrides=grpo_overrides(tiny_model_dir, prompts, one, **extra, **{"train.grad_accum": 2})
+        ),
+        quiet=True,
+    )
+    ours = [r for r in read_jsonl(two / "metrics.jsonl") if "loss" in r]
+    theirs = [r for r in read_jsonl(one / "metrics.jsonl") if "loss" in r]
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("reward", "reward_std", "completions/mean_length", "loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    mine, reference = (load_file(str(run / "adapter/adapter_model.safetensors")) for run in (two, one))
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

@@ -74,7 +74,8 @@ def data_inspect(
             "--json",
             help="JSON Lines: one object per example (index, tokens, trained_tokens, truncated, segments: "
             '[{"text", "trained"}]; under dpo/orpo one per side of each pair, with side: chosen or rejected; '
-            "under kto, side: desirable or undesirable), "
+            "under kto, side: desirable or undesirable; under grpo, side: prompt, the prompt as generation "
+            "sees it), "
             'then one {"summary": counts, "warnings": [{"kind", "message"}]}.',
         ),
     ] = False,

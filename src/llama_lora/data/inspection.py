@@ -147,7 +147,10 @@ def split_warnings(
             )
         )
     stops = set(templates.stop_token_ids(tokenizer))
-    thin = [(i, name) for i, name, e in sides if all(t in stops for t in _trained_ids(e))]
+    # GRPO's prompts train nothing by design: the model's own completions are what it learns from
+    thin = [
+        (i, name) for i, name, e in sides if name != "prompt" and all(t in stops for t in _trained_ids(e))
+    ]
     if thin:
         found.append(
             _warning(
@@ -173,7 +176,9 @@ def eos_warning(examples: list[Any], tokenizer) -> dict[str, str] | None:
     """A warning when no example (no side of one) trains any token that generation stops at (EOS or
     end-of-turn)."""
     stops = set(templates.stop_token_ids(tokenizer))
-    for _, _, e in all_sides(examples):
+    for _, name, e in all_sides(examples):
+        if name == "prompt":  # GRPO: the completions, sampled in training, end on these tokens
+            return None
         if any(t and label in stops for t, label in zip(_trained_flags(e), e.labels, strict=True)):
             return None
     names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in sorted(stops)) or "none"
