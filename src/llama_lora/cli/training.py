@@ -44,6 +44,10 @@ def train(
     summary = result.summary
     before, after = summary["eval_loss_before"], summary["eval_loss"]
     evals = f"eval loss {before:.4f} -> {after:.4f}; " if before is not None and after is not None else ""
+    was, now = summary.get("held_out_before") or {}, summary.get("held_out") or {}
+    evals += "".join(
+        f"held-out {k.removeprefix('eval_')} {was[k]:.3f} -> {v:.3f}; " for k, v in now.items() if k in was
+    )
     core.out.print(
         f"done: {summary['steps']} steps in {summary['runtime_s']:.0f}s, {summary['tokens_per_second']:.0f} tok/s, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB; {evals}adapter in {Path(cfg.output.dir) / 'adapter'}"

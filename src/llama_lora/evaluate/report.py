@@ -28,7 +28,13 @@ def metric_rows(result: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     """(label, base, adapter, verdict) for every metric both sides have."""
     base, adapter = result["base"], result["adapter_metrics"]
     rows = []
-    rewards = [k for k in adapter if k == "reward" or k.startswith(("reward/", "accuracy/"))]  # GRPO's
+    rewards = [  # GRPO's; a 0/1 reward shows as its accuracy only
+        k
+        for k in adapter
+        if k == "reward"
+        or k.startswith("accuracy/")
+        or (k.startswith("reward/") and "accuracy/" + k[7:] not in adapter)
+    ]
     named = [(k, "held-out " + k.replace("/", " (") + (")" if "/" in k else ""), "higher") for k in rewards]
     for key, label, better in named + ROWS:
         if key not in base or key not in adapter:

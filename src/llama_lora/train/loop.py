@@ -121,6 +121,9 @@ class Run:
         self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": before, **self.eval_extras()})
         if before is not None:
             self.say(f"eval loss before training: {before:.4f}")
+        shown = held_out_line(self.metrics.records[-1])
+        if shown:  # GRPO: the held-out reward and accuracy, answered by generation
+            self.say(f"held out before training: {shown}")
         return before
 
     def restore(self, start_from: Path) -> tuple[int, float | None]:
@@ -284,6 +287,8 @@ class Run:
             "train_loss": train_losses[-1] if train_losses else c.last_loss,
             "eval_loss": eval_after,
             "eval_loss_before": eval_before,
+            "held_out_before": held_out(next((r for r in self.metrics.records if r["step"] == 0), {})),
+            "held_out": held_out(self.metrics.records[-1] if self.metrics.records else {}),
             "runtime_s": round(c.train_time, 2),
             "train_tokens": c.tokens_seen,  # all processes together, as is tokens_per_second
             "tokens_per_second": round(c.tokens_seen / c.train_time, 2) if c.train_time else None,
@@ -301,6 +306,15 @@ class Run:
             "peak_memory_per_process": getattr(self, "peaks", None),
             "finished_at": run_dir.timestamp(),
         }
+
+
+def held_out(record: dict[str, Any]) -> dict[str, float]:
+    """A GRPO evaluation's figures in a metrics record (`eval_reward`, `eval_accuracy/<reward>`); {} else."""
+    return {k: v for k, v in record.items() if k == "eval_reward" or k.startswith("eval_accuracy/")}
+
+
+def held_out_line(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in held_out(record).items())
 
 
 def _model_line(setup: build.Setup, world: int) -> str:

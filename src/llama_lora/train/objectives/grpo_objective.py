@@ -126,7 +126,8 @@ class GRPOObjective:
     def _sample(self, step: int, micro_batches, mine, reduce) -> None:
         g, t = self.t.num_generations, self.t
         order = {id(e): i for i, e in enumerate(e for b in micro_batches for e in b)}
-        examples = [e for b, _ in mine for e in b]
+        # once each: a data-parallel process's weightless re-run may repeat a micro-batch it also runs
+        examples = list({id(e): e for b, _ in mine for e in b}.values())
         started = time.perf_counter()
         seeds = [seed_for(t.seed, step, order[id(e)] * g + k) for e in examples for k in range(g)]
         done = self.rollouts.sample([e.input_ids for e in examples for _ in range(g)], self.sampling, seeds)
