@@ -111,6 +111,18 @@ def test_grpo_with_kl_and_reused_completions_logs_kl(tiny_model_dir, prompts, tm
     assert {r["step"] for r in read_jsonl(out / "samples.jsonl")} == {1}
 
 
+def test_from_a_trained_adapter_the_kl_reference_is_that_adapter(tiny_model_dir, prompts, tmp_path):
+    """beta > 0 with model.adapter: the reference is the adapter training starts from (kept in memory), not
+    the base; at the first step policy and reference are the same model, so the KL is 0."""
+    first = tmp_path / "first"
+    train(load_config(overrides=grpo_overrides(tiny_model_dir, prompts, first)), quiet=True)
+    out = tmp_path / "then"
+    extra = {"model.adapter": str(first), "train.beta": 0.04, "train.max_steps": 1}
+    train(load_config(overrides=grpo_overrides(tiny_model_dir, prompts, out, **extra)), quiet=True)
+    (step,) = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert step["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_failing_reward_stops_in_one_line_naming_it_and_the_row(tiny_model_dir, prompts, tmp_path):
     out = tmp_path / "run"
     extra = {
