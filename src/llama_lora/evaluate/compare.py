@@ -212,12 +212,12 @@ def held_out_grpo(rows, loaded, dcfg, label):
     def extra(cfg, texts: list[str]) -> dict[str, float]:
         specs = rewards.load_rewards(cfg.train.rewards, cfg.train.reward_weights)
         scores = score_completions(specs, examples, [Completion([], t, False) for t in texts])
+        named = rewards.summary(scores, specs)  # each reward's mean; an accuracy where all are 0 or 1
         out = {"reward": statistics.fmean(scores.total)}
         for spec in specs:
-            values = [v for v in scores.per_reward[spec.name] if v is not None]
-            out[f"reward/{spec.name}"] = statistics.fmean(values) if values else math.nan
-            if values and all(v in (0.0, 1.0) for v in values):
-                out[f"accuracy/{spec.name}"] = out[f"reward/{spec.name}"]
+            out[f"reward/{spec.name}"] = named[f"rewards/{spec.name}/mean"]
+            if f"accuracy/{spec.name}" in named:
+                out[f"accuracy/{spec.name}"] = named[f"accuracy/{spec.name}"]
         return out
 
     return prompts, references, None, extra

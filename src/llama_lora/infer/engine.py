@@ -100,7 +100,8 @@ class Engine:
         self.context = context or getattr(model.config, "max_position_embeddings", None) or 2048
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if precision == "bf16" and (decoder is not None or unsupported(model) is None):
+        bf16_decoding = precision == "bf16" and self.dtype != torch.float32  # float32 weights: nothing to do
+        if bf16_decoding and (decoder is not None or unsupported(model) is None):
             self.dtype = (
                 torch.float32
             )  # decode.py keeps keys and values in float32, whatever the weights' dtype

@@ -13,7 +13,8 @@ batch and combines them as TRL 1.16 does: the total is the weighted sum with Non
 completion no reward applies to totals 0.0 (`Scores.unscorable` lists those; TRL leaves them out of its
 baseline and its logged reward, and logs a warning, which is the caller's to do here).
 A reward that raises or returns something unusable is a `RewardError` naming the reward and the row.
-`summary` gives the metrics under the names TRL logs them.
+`summary` gives the metrics under the names TRL logs them; `reward_sums` and
+`reward_metrics` give the same from sums that add up across steps and processes (GRPO's logging windows).
 """
 
 from __future__ import annotations
@@ -267,3 +268,46 @@ def _std(values: list[float]) -> float:
         return math.nan
     mean = _mean(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+# -- sums across steps and processes (GRPO's metrics) -----------------------------------------------------
+
+
+def reward_sums(specs, scores: Scores, totals: list[float], picked) -> dict[str, float]:
+    """The picked completions' rewards as sums that add up across steps and processes: n, sum and sum of
+    squares of each reward's values (None left out) and of the totals (NaN, no reward applied, left out),
+    and per reward how many values are not 0 or 1 (`other`: it is an accuracy when there are none)."""
+    picked = list(picked)
+    out: dict[str, float] = {}
+
+    def add(key: str, values: list[float]) -> None:
+        out[f"{key}/n"], out[f"{key}/sum"] = len(values), sum(values)
+        out[f"{key}/sum2"] = sum(v * v for v in values)
+
+    for spec in specs:
+        column = scores.per_reward[spec.name]
+        values = [column[i] for i in picked if column[i] is not None]
+        add(f"rewards/{spec.name}", values)
+        out[f"rewards/{spec.name}/other"] = sum(v not in (0.0, 1.0) for v in values)
+    add("reward", [totals[i] for i in picked if not math.isnan(totals[i])])
+    return out
+
+
+def reward_metrics(sums: dict[str, float], specs, prefix: str = "") -> dict[str, float]:
+    """TRL's reward metrics from `reward_sums` (summed): `reward`, `reward_std`, `rewards/<name>/mean` and
+    `/std`, and `accuracy/<name>` for a reward whose values were all 0 or 1; each name after `prefix`."""
+    metrics = mean_std(sums, "reward", f"{prefix}reward", f"{prefix}reward_std")
+    for spec in specs:
+        key = f"rewards/{spec.name}"
+        metrics |= mean_std(sums, key, f"{prefix}{key}/mean", f"{prefix}{key}/std")
+        if sums.get(f"{key}/n") and not sums.get(f"{key}/other"):
+            metrics[f"{prefix}accuracy/{spec.name}"] = metrics[f"{prefix}{key}/mean"]
+    return metrics
+
+
+def mean_std(sums: dict[str, float], key: str, mean_name: str, std_name: str) -> dict[str, float]:
+    """Mean and standard deviation (Bessel's correction, NaN below two values) from `key`/n, /sum, /sum2."""
+    n, s, s2 = sums.get(f"{key}/n", 0.0), sums.get(f"{key}/sum", 0.0), sums.get(f"{key}/sum2", 0.0)
+    mean = s / n if n else math.nan
+    std = math.sqrt(max(s2 - s * s / n, 0.0) / (n - 1)) if n > 1 else math.nan
+    return {mean_name: mean, std_name: std}

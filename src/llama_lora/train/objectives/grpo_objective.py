@@ -236,18 +236,9 @@ class GRPOObjective:
     def _record(self, examples, done, scores, totals, kept: list[int]) -> None:
         """Sums of the step's rewards and lengths (of this process's weighted completions) for the window."""
         g = self.t.num_generations
-        for spec in self.specs:
-            values = [
-                scores.per_reward[spec.name][i] for i in kept if scores.per_reward[spec.name][i] is not None
-            ]
-            self._add(f"rewards/{spec.name}/n", len(values))
-            self._add(f"rewards/{spec.name}/sum", sum(values))
-            self._add(f"rewards/{spec.name}/sum2", sum(v * v for v in values))
-            self._add(f"rewards/{spec.name}/other", sum(v not in (0.0, 1.0) for v in values))
-        present = [float(totals[i]) for i in kept if not math.isnan(totals[i])]
-        self._add("reward/n", len(present))
-        self._add("reward/sum", sum(present))
-        self._add("reward/sum2", sum(v * v for v in present))
+        step = rewards_mod.reward_sums(self.specs, scores, totals.tolist(), kept)
+        for key, value in step.items():
+            self._add(key, value)
         self._add("completions/n", len(kept))
         self._add("completions/tokens", sum(len(done[i].tokens) for i in kept))
         self._add("completions/truncated", sum(done[i].truncated for i in kept))
@@ -258,7 +249,7 @@ class GRPOObjective:
         flat = sum(1 for j in groups if float(totals[j * g : (j + 1) * g].nan_to_num(0.0).std()) == 0.0)
         self._add("groups/n", len(groups))
         self._add("groups/flat", flat)
-        self.last_reward = sum(present) / len(present) if present else math.nan
+        self.last_reward = step["reward/sum"] / step["reward/n"] if step["reward/n"] else math.nan
         self.shown = [
             {
                 "prompt": examples[i // g].prompt,
@@ -302,12 +293,7 @@ class GRPOObjective:
 
     def _sampled(self, sums: dict[str, float], longest: float) -> dict[str, float]:
         """The window's reward and completion metrics from its summed statistics."""
-        metrics = mean_std(sums, "reward", "reward", "reward_std")
-        for spec in self.specs:
-            key = f"rewards/{spec.name}"
-            metrics |= mean_std(sums, key, f"{key}/mean", f"{key}/std")
-            if sums.get(f"{key}/n") and not sums.get(f"{key}/other"):
-                metrics[f"accuracy/{spec.name}"] = metrics[f"{key}/mean"]
+        metrics = rewards_mod.reward_metrics(sums, self.specs)
         n = max(sums.get("completions/n", 0.0), 1.0)
         metrics["completions/mean_length"] = sums.get("completions/tokens", 0.0) / n
         metrics["completions/max_length"] = longest
@@ -323,23 +309,16 @@ class GRPOObjective:
             return {}
         greedy = Sampling(max_new_tokens=self.t.max_completion_length, greedy=True)
         done = self.rollouts.sample([e.input_ids for e in mine], greedy, None) if mine else []
-        scores = score_completions(self.specs, mine, done) if mine else None
-        keys, values = [], []
-        for spec in self.specs:
-            got = [v for v in (scores.per_reward[spec.name] if scores else []) if v is not None]
-            keys += [f"{spec.name}/n", f"{spec.name}/sum", f"{spec.name}/other"]
-            values += [len(got), sum(got), sum(v not in (0.0, 1.0) for v in got)]
-        totals = scores.total if scores else []
-        keys += ["total/n", "total/sum", "tokens"]
-        values += [len(totals), sum(totals), sum(len(c.tokens) for c in done)]
-        sums = dict(zip(keys, reduce(*values)))
-        out = {"eval_reward": sums["total/sum"] / max(sums["total/n"], 1.0)}
-        for spec in self.specs:
-            mean = sums[f"{spec.name}/sum"] / max(sums[f"{spec.name}/n"], 1.0)
-            out[f"eval_rewards/{spec.name}/mean"] = mean
-            if not sums[f"{spec.name}/other"]:
-                out[f"eval_accuracy/{spec.name}"] = mean
-        out["eval_completions/mean_length"] = sums["tokens"] / max(sums["total/n"], 1.0)
+        if mine:
+            scores = score_completions(self.specs, mine, done)
+        else:  # more processes than held-out prompts: this one adds nothing, but joins the sum
+            scores = rewards_mod.Scores({spec.name: [] for spec in self.specs}, [])
+        mine_sums = rewards_mod.reward_sums(self.specs, scores, scores.total, range(len(done)))
+        mine_sums["tokens"] = sum(len(c.tokens) for c in done)
+        keys = sorted(mine_sums)
+        sums = dict(zip(keys, reduce(*(mine_sums[k] for k in keys))))
+        out = rewards_mod.reward_metrics(sums, self.specs, prefix="eval_")
+        out["eval_completions/mean_length"] = sums["tokens"] / max(sums["reward/n"], 1.0)
         return out
 
     def recording(self, on: bool) -> None:
@@ -367,14 +346,6 @@ class GRPOObjective:
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         path.write_text("".join(x for x in lines if json.loads(x).get("step", 0) < step), encoding="utf-8")
-
-
-def mean_std(sums: dict[str, float], key: str, mean_name: str, std_name: str) -> dict[str, float]:
-    """Mean and standard deviation (Bessel's correction, NaN below two values) from `key`/n, /sum, /sum2."""
-    n, s, s2 = sums.get(f"{key}/n", 0.0), sums.get(f"{key}/sum", 0.0), sums.get(f"{key}/sum2", 0.0)
-    mean = s / n if n else math.nan
-    std = math.sqrt(max(s2 - s * s / n, 0.0) / (n - 1)) if n > 1 else math.nan
-    return {mean_name: mean, std_name: std}
 
 
 def score_completions(specs, prompts, done: list[Completion]) -> rewards_mod.Scores:
