@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from llama_lora import cli, run_dir
+from llama_lora import cli, run_dir, run_status
 from llama_lora.config import load_config
 from llama_lora.errors import ConfigError
 from llama_lora.train import tracking
@@ -240,7 +240,7 @@ def _fake_runs(root):
 
 def test_list_runs_reads_summaries_and_unfinished_configs(tmp_path):
     a, b = _fake_runs(tmp_path)
-    rows = {r["run"]: r for r in run_dir.list_runs(tmp_path)}
+    rows = {r["run"]: r for r in run_status.list_runs(tmp_path)}
     assert set(rows) == {str(a), str(b)}
     assert rows[str(a)] == {
         "run": str(a),
@@ -254,11 +254,19 @@ def test_list_runs_reads_summaries_and_unfinished_configs(tmp_path):
         "steps": 10,
         "checkpoints": 0,
         "status": "finished",
+        "objective": "sft",
+        "r": None,
+        "alpha": None,
+        "loss": None,
+        "step": None,
+        "error": None,
+        "started_at": rows[str(a)]["started_at"],  # config.yaml's time: no status.json
+        "duration_s": rows[str(a)]["duration_s"],
     }
     unfinished = rows[str(b)]
     assert (unfinished["model"], unfinished["data"], unfinished["method"]) == ("m-b", "demo", "lora")
     assert unfinished["status"] == "has checkpoints" and unfinished["eval_loss"] is None
-    assert run_dir.list_runs(a) == [rows[str(a)]]  # ROOT may be a run itself
+    assert run_status.list_runs(a) == [rows[str(a)]]  # ROOT may be a run itself
 
 
 def test_runs_cli_table_json_empty_and_missing(tmp_path):

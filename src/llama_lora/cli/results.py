@@ -159,7 +159,7 @@ def runs(
 ) -> None:
     """List run directories with model, data, method, eval loss before -> after, tokens/s, status."""
     from llama_lora.evaluate.report import runs_table
-    from llama_lora.run_dir import list_runs
+    from llama_lora.run_status import list_runs
 
     rows = list_runs(Path(root))
     if as_json:

@@ -238,7 +238,7 @@ def _loss(value) -> str:
 
 
 def runs_table(rows: list[dict[str, Any]]):
-    """`llama-lora runs`: one line per run directory (run_dir.list_runs) as a rich table."""
+    """`llama-lora runs`: one line per run directory (run_status.list_runs) as a rich table."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -259,7 +259,7 @@ def runs_table(rows: list[dict[str, Any]]):
             r["method"] or "-",
             evals,
             "-" if tps is None else f"{tps:.0f}",
-            r["status"],
+            r["status"] + (f": {r['error']}" if r.get("error") else ""),
         ]
         table.add_row(*(Text(c) for c in cells))  # Text: paths are not rich markup
     return table

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from llama_lora import meta, run_dir
+from llama_lora import meta, run_dir, run_status
 from llama_lora.config import Config
 from llama_lora.errors import LlamaLoraError
 from llama_lora.model import adapters, hardware, loader
@@ -72,6 +72,7 @@ class Run:
         self.eval_batches = setup.objective.eval_batches(self.ds.eval, tcfg.batch_size, budget)
         self.counters = Counters(processes=self.world)
         self.metrics: run_dir.MetricsLog | None = None
+        self.grad_norm: float | None = None  # the last step's, before clipping (none without max_grad_norm)
 
     def evaluate(self) -> float | None:
         """Each process evaluates every world-th batch; the sums are added up (all processes call this)."""
@@ -192,7 +193,7 @@ class Run:
                 "Lower train.learning_rate or check the data."
             )
         if self.cfg.train.max_grad_norm:
-            self.strategy.clip(s.params, self.cfg.train.max_grad_norm)
+            self.grad_norm = self.strategy.clip(s.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         s.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,6 +217,8 @@ class Run:
                     lr = self.setup.scheduler.get_last_lr()[0]
                     window = c.take_window()
                     record = {"step": step, "epoch": epoch, "loss": window.pop("loss"), "learning_rate": lr}
+                    if self.grad_norm is not None:
+                        record["grad_norm"] = self.grad_norm
                     extras = self.setup.objective.take_metrics("train", self.sum_across)
                     self.metrics.write({**record, **window, **extras})
                 if tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != last:
@@ -345,7 +348,7 @@ def train(
 
         settle_allocator(torch.device(device))  # before the process group's threads exist
     accelerator = make_accelerator(device, precision)
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    main = accelerator.is_main_process
     say = (lambda *a: None) if quiet or not main else log
     cfg, strategy = choose_strategy(cfg, accelerator, device, say)
     start_from = checkpoint.resume_point(Path(cfg.output.dir), resume, cfg.model_dump(mode="json"))
@@ -362,6 +365,16 @@ def train(
         if start_from is None:
             run = run_dir.prepare(run, overwrite)  # nothing is written before this point
         run_dir.write_text_atomic(run / "config.yaml", cfg.to_yaml())
+    resumed = {"resumed_from": str(start_from)} if start_from is not None else {}
+    with run_status.recorded(run, main, **resumed) as status:  # status.json: running, then how it ended
+        return _attach_and_run(loaded, strategy, run, start_from, quiet, log, status)
+
+
+def _attach_and_run(loaded, strategy, run: Path, start_from, quiet: bool, log, status) -> TrainResult:
+    """build.attach, then the steps from the start or from `start_from`, then the summary."""
+    cfg, world = loaded.cfg, strategy.accelerator.num_processes
+    main = strategy.accelerator.is_main_process
+    say = (lambda *a: None) if quiet or not main else log
     initial = None
     if adapters.converts_on_save(cfg.peft.init_lora_weights):  # other processes keep theirs out of the run
         initial = (
@@ -372,6 +385,8 @@ def train(
         say(note)
     say(_model_line(setup, world))
     say(loaded.settings.describe())
+    if status is not None:
+        status.update(total_steps=len(setup.steps))
 
     training = Run(setup, strategy, run, quiet, log)
     if start_from is None:

@@ -60,8 +60,9 @@ class Replicated:
             acc.backward(loss_sum * scale)
         return loss_sum
 
-    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
-        self.accelerator.clip_grad_norm_(params, max_norm)
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Clip to `max_norm`; the gradients' norm before clipping (logged as grad_norm)."""
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
     def eval_sums(self, module, batches: list[dict], mine: list[dict], objective) -> tuple[float, int]:
         return eval_sums(module, mine, self.accelerator.device)
@@ -92,8 +93,9 @@ class Sharded(Replicated):
         (loss_sum * scale).backward()
         return loss_sum
 
-    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
     def eval_sums(self, module, batches: list[dict], mine: list[dict], objective) -> tuple[float, int]:
         acc = self.accelerator
