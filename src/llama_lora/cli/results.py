@@ -1,4 +1,4 @@
-"""After training: `merge`, `compare`, `eval`, `runs`, `serve`, `export gguf|gguf-adapter`."""
+"""After training: `merge`, `compare`, `eval`, `runs`, `dashboard`, `serve`, `export gguf|gguf-adapter`."""
 
 from __future__ import annotations
 
@@ -170,6 +170,21 @@ def runs(
         core.out.print(f"no runs under {root} (train one with `llama-lora train`)", markup=False)
     else:
         core.out.print(runs_table(rows))
+
+
+@core.app.command()
+def dashboard(
+    root: Annotated[str, typer.Argument(help="The runs directory (runs 2 levels down are listed).")] = "runs",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    api_key: Annotated[
+        str | None, typer.Option(help="Or env LLAMA_LORA_API_KEY; open the page with ?key=KEY.")
+    ] = None,
+) -> None:
+    """A local web page over the runs: live curves, state, config, data, reports, artifacts, compare, chat."""
+    from llama_lora.dashboard.app import dashboard as run_dashboard
+
+    run_dashboard(Path(root), host=host, port=port, api_key=api_key, log=core.err.print)
 
 
 @core.app.command()

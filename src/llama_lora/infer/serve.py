@@ -267,6 +267,19 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
+def check_listen(host: str, port: int) -> None:
+    """One line (exit 2) for a port that is not one or that cannot be listened on, before anything loads."""
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port: {port} is not a port number (1-65535)")
+    with socket.socket() as probe:
+        # as uvicorn binds: connections closed a moment ago (TIME_WAIT) do not block the port
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
 def serve(
     model: str | None,
     adapter_specs: list[str],
@@ -287,13 +300,7 @@ def serve(
     import uvicorn
 
     key = api_key or os.environ.get(API_KEY_ENV) or None
-    if not 1 <= port <= 65535:
-        raise ServeError(f"--port: {port} is not a port number (1-65535)")
-    with socket.socket() as probe:  # a clear line now instead of uvicorn's error after loading the model
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ServeError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
+    check_listen(host, port)  # a clear line now instead of uvicorn's error after loading the model
     served = load_served(
         model, parse_adapter_specs(adapter_specs), device=device, log=log, precision=precision
     )
