@@ -211,7 +211,8 @@ def run_row(run: Path) -> dict[str, Any]:
     )
     date = summary.get("finished_at") or state.get("started_at") or _mtime_iso(run / "config.yaml")
     started = state.get("started_at") or _mtime_iso(run / "config.yaml")
-    ended = state.get("ended_at") or summary.get("finished_at") or state.get("heartbeat_at")
+    ended = state.get("ended_at") or summary.get("finished_at")
+    ended = ended or (run_dir.timestamp() if status == "running" else state.get("heartbeat_at"))
     peft, use_dora = section("peft"), section("peft").get("use_dora")
     step, loss = _last(records, "loss")
     return {

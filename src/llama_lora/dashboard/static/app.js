@@ -178,7 +178,7 @@ function drawHeader(header, detail) {
     h("h1", {}, detail.id, " ", badge(r.status)),
     r.error ? errorBox(r.error) : null,
     st.state === "interrupted" && st.checkpoint ? h("p", {}, `resume with: llama-lora train ${detail.id}/config.yaml --resume`) : null,
-    h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v === undefined || v === null ? "-" : String(v))])));
+    h("dl", { class: "facts" }, facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v === undefined || v === null ? "-" : String(v))))));
 }
 
 const ORDER = ["loss", "learning_rate", "grad_norm", "tokens_per_second", "reward", "rewards", "accuracy", "logps", "logits", "kl"];
@@ -386,7 +386,8 @@ async function ask(text, ids, maxTokens, columns, send) {
         if (event.columns) {
           fill(columns, ...event.columns.map((name, i) => {
             cells[name] = { text: h("div", { class: "answer", "data-column": name }), foot: h("p", { class: "muted" }, "...") };
-            return h("section", { class: "column" }, h("h2", {}, i === 0 ? `${name} (base)` : name), cells[name].text, cells[name].foot);
+            const shown = i === 0 ? `${name.split("/").pop()} (base)` : name;  // the base may be a long path
+            return h("section", { class: "column" }, h("h2", { title: name }, shown), cells[name].text, cells[name].foot);
           }));
         } else if (event.text !== undefined) add(cells[event.column].text, event.text);
         else if (event.done) { cells[event.column].foot.textContent = `${event.tokens} tokens, ${event.finish}`; cells[event.column].text.dataset.done = "1"; }
