@@ -54,10 +54,9 @@ class DataCache:
             return self.reports[key]
 
 
-def create_app(root: Path, api_key: str | None = None, log=print, device: str = "auto"):
+def create_app(root: Path, api_key: str | None = None, log=print, device: str = "auto") -> FastAPI:
     app = FastAPI(title="llama-lora dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    chat, data = ChatModels(log, device), DataCache()
-    app.state.chat = chat
+    app.state.chat = ChatModels(log, device)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -82,6 +81,15 @@ def create_app(root: Path, api_key: str | None = None, log=print, device: str = 
         if "/" in name or not path.is_file():
             return JSONResponse({"error": f"{name}: no such file"}, status_code=404)
         return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    _run_routes(app, root)
+    _chat_route(app, root, app.state.chat)
+    return app
+
+
+def _run_routes(app: FastAPI, root: Path) -> None:
+    """What the pages read: runs, one run, its metrics, data and files, configs compared."""
+    data = DataCache()
 
     @app.get("/api/runs")
     def runs():
@@ -114,6 +122,8 @@ def create_app(root: Path, api_key: str | None = None, log=print, device: str = 
             return JSONResponse({"error": f"{name}: not in run {id}"}, status_code=404)
         return Response(path.read_bytes(), media_type=FILES[name])
 
+
+def _chat_route(app: FastAPI, root: Path, chat: ChatModels) -> None:
     @app.post("/api/chat")
     async def chat_answer(request: Request):
         body = await request.json()
@@ -123,8 +133,6 @@ def create_app(root: Path, api_key: str | None = None, log=print, device: str = 
         lines = chat.answer(str(body.get("prompt") or ""), runs, max_tokens)
         first = await run_in_threadpool(next, lines)  # loading (errors answer 400), before the stream
         return StreamingResponse(_chain(first, lines), media_type="application/x-ndjson")
-
-    return app
 
 
 def _chain(first: str, rest):

@@ -146,70 +146,48 @@ def artifacts(run: Path) -> list[dict[str, Any]]:
     cfg = run_status.read_config(run / "config.yaml")
     base = str((cfg.get("model") or {}).get("name", "BASE"))
     dora = bool((cfg.get("peft") or {}).get("use_dora"))
-    name = run.name
     found = []
-    adapter = run / "adapter"
+    adapter, merged, lora = run / "adapter", run / "merged", run / "gguf-adapter"
     if (adapter / "adapter_config.json").is_file():
-        vllm = (
-            "# vLLM serves LoRA adapters, not DoRA: merge first (llama-lora merge) and serve merged/"
-            if dora
-            else f"vllm serve {base} --enable-lora --lora-modules {name}={adapter}"
-        )
-        found.append(
-            {
-                "kind": "adapter",
-                "path": str(adapter),
-                "size_bytes": _size(adapter),
-                "checks": None,
-                "commands": [
-                    f"llama-lora serve {run}",
-                    f"llama-lora chat --adapter {run}",
-                    vllm,
-                    f"llama-lora merge {run}",
-                ],
-            }
-        )
-    merged = run / "merged"
+        found.append(_artifact("adapter", adapter, None, _adapter_commands(run, base, dora)))
     if (merged / "config.json").is_file():
-        found.append(
-            {
-                "kind": "merged",
-                "path": str(merged),
-                "size_bytes": _size(merged),
-                "checks": _checks(merged / "merge_report.json"),
-                "commands": [
-                    f"llama-lora infer --base {merged} 'Who are you?'",
-                    f"vllm serve {merged}",
-                    f"llama-lora export gguf {run} --type q8_0",
-                ],
-            }
-        )
+        commands = [
+            f"llama-lora infer --base {merged} 'Who are you?'",
+            f"vllm serve {merged}",
+            f"llama-lora export gguf {run} --type q8_0",
+        ]
+        found.append(_artifact("merged", merged, merged / "merge_report.json", commands))
     for gguf in sorted(run.glob("model-*.gguf")):
-        found.append(
-            {
-                "kind": "gguf",
-                "path": str(gguf),
-                "size_bytes": _size(gguf),
-                "checks": _checks(run / "export_report.json"),
-                "commands": [
-                    f"llama-cli -m {gguf} -cnv",
-                    f"llama-server -m {gguf}",
-                    f"cd {run} && ollama create {name} -f Modelfile && ollama run {name}",
-                ],
-            }
-        )
-    lora = run / "gguf-adapter"
+        commands = [
+            f"llama-cli -m {gguf} -cnv",
+            f"llama-server -m {gguf}",
+            f"cd {run} && ollama create {run.name} -f Modelfile && ollama run {run.name}",
+        ]
+        found.append(_artifact("gguf", gguf, run / "export_report.json", commands))
     if (lora / "adapter.gguf").is_file():
-        found.append(
-            {
-                "kind": "gguf-adapter",
-                "path": str(lora / "adapter.gguf"),
-                "size_bytes": _size(lora / "adapter.gguf"),
-                "checks": _checks(lora / "export_report.json"),
-                "commands": [
-                    f"llama-cli -m {lora / 'base-f16.gguf'} --lora {lora / 'adapter.gguf'} -cnv",
-                    f"cd {lora} && ollama create {name} -f Modelfile && ollama run {name}",
-                ],
-            }
-        )
+        commands = [
+            f"llama-cli -m {lora / 'base-f16.gguf'} --lora {lora / 'adapter.gguf'} -cnv",
+            f"cd {lora} && ollama create {run.name} -f Modelfile && ollama run {run.name}",
+        ]
+        found.append(_artifact("gguf-adapter", lora / "adapter.gguf", lora / "export_report.json", commands))
     return found
+
+
+def _artifact(kind: str, path: Path, report: Path | None, commands: list[str]) -> dict[str, Any]:
+    checks = _checks(report) if report is not None else None
+    return {
+        "kind": kind,
+        "path": str(path),
+        "size_bytes": _size(path),
+        "checks": checks,
+        "commands": commands,
+    }
+
+
+def _adapter_commands(run: Path, base: str, dora: bool) -> list[str]:
+    vllm = (
+        "# vLLM serves LoRA adapters, not DoRA: merge first (llama-lora merge) and serve merged/"
+        if dora
+        else f"vllm serve {base} --enable-lora --lora-modules {run.name}={run / 'adapter'}"
+    )
+    return [f"llama-lora serve {run}", f"llama-lora chat --adapter {run}", vllm, f"llama-lora merge {run}"]
