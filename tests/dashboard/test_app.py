@@ -133,3 +133,23 @@ def test_the_dashboard_command_refuses_a_missing_directory_and_a_busy_port(tmp_p
     assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
     bad = run_in_process("dashboard", str(tmp_path), "--port", "notanumber")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_the_report_tab_gets_compare_figures_and_the_general_skills_rows(client, tmp_path):
+    run = tmp_path / "runs" / "a"
+    verdict = {"base": 0.5, "adapter": 0.52, "base_stderr": 0.01, "adapter_stderr": 0.01, "delta": 0.02}
+    compare = {
+        "n": 48,
+        "base": {"eval_loss": 2.0, "rouge_l": 0.2, "template": "chatml"},
+        "adapter_metrics": {"eval_loss": 1.5, "rouge_l": 0.3},
+        "benchmarks": {"tasks": ["arc_easy"], "comparison": {"arc_easy": {**verdict, "verdict": "kept"}}},
+    }
+    (run / "compare.json").write_text(json.dumps(compare))
+    (run / "report.html").write_text("<html>report</html>")
+    detail = client.get("/api/run", params={"id": "a"}).json()
+    assert detail["report"] is True and detail["compare"]["n"] == 48
+    assert detail["compare"]["held_out"] == [["eval_loss", 2.0, 1.5], ["rouge_l", 0.2, 0.3]]
+    (row,) = detail["compare"]["benchmarks"]
+    assert row[0] == "arc_easy" and row[4] == "+0.0200" and row[5] == "kept"
+    report = client.get("/api/file", params={"id": "a", "name": "report.html"})
+    assert report.status_code == 200 and report.text == "<html>report</html>"

@@ -69,6 +69,7 @@ def test_two_processes_match_one_process_with_the_same_step_groups(tmp_path, tin
         "config.yaml",
         "loss.png",
         "metrics.jsonl",
+        "status.json",
         "train_summary.json",
     ]
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-3"]

@@ -188,12 +188,18 @@ def test_tensorboard_events_equal_metrics_jsonl(tmp_path, tiny_model_dir, alpaca
     records = run_dir.read_metrics(out / "metrics.jsonl")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    for key in ("loss", "learning_rate", "tokens_per_second", "eval_loss"):
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"):
         expected = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in expected], key
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), key  # float32 events
-    assert set(events.Tags()["scalars"]) == {"loss", "learning_rate", "tokens_per_second", "eval_loss"}
+    assert set(events.Tags()["scalars"]) == {
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "eval_loss",
+    }
     assert result.summary["finished_at"].endswith("+00:00")
 
 

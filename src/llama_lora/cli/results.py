@@ -174,7 +174,9 @@ def runs(
 
 @core.app.command()
 def dashboard(
-    root: Annotated[str, typer.Argument(help="The runs directory (runs 2 levels down are listed).")] = "runs",
+    root: Annotated[
+        str, typer.Argument(metavar="RUNS_DIR", help="The runs directory (runs 2 levels down are listed).")
+    ] = "runs",
     host: str = "127.0.0.1",
     port: int = 7860,
     api_key: Annotated[
