@@ -62,7 +62,7 @@ demo-gguf: $(STAMP)
 # that its module fixtures are built once; TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

@@ -13,7 +13,7 @@ import pytest
 
 from llama_lora import run_status
 from llama_lora.errors import ConfigError
-from tests.conftest import run_cli, run_in_process, tiny_overrides
+from tests.conftest import run_in_process, tiny_overrides
 
 
 def test_recorded_runs_then_finishes(tmp_path):
@@ -78,7 +78,7 @@ def tmp_model_run(tmp_path_factory, tiny_model_dir):
     rows.write_text(
         "".join(json.dumps({"instruction": f"n {i}", "output": f"is {i}"}) + "\n" for i in range(16))
     )
-    result = run_cli("train", *tiny_overrides(tiny_model_dir, rows, root / "ok"))
+    result = run_in_process("train", *tiny_overrides(tiny_model_dir, rows, root / "ok"))
     assert result.returncode == 0, result.stderr
     return root, root / "ok"
 
@@ -104,7 +104,7 @@ def test_a_run_killed_with_sigkill_lists_as_died_and_a_failed_one_with_its_error
         proc.wait()
     # a loss that becomes infinite fails the run after its directory exists
     bad = tiny_overrides(tiny_model_dir, rows, root / "failed", **{"train.learning_rate": 1e30})
-    failed = run_cli("train", *bad)
+    failed = run_in_process("train", *bad)
     assert failed.returncode == 2
     rows_by_run = {r["run"]: r for r in json.loads(run_in_process("runs", str(root), "--json").stdout)}
     assert rows_by_run[str(root / "killed")]["status"] == "died"

@@ -170,7 +170,7 @@ def test_a_run_started_while_the_page_is_open_grows_survives_a_reload_and_finish
     page.wait_for_selector('tr[data-run="a"]')
     rows = root.parent / "rows.jsonl"
     proc = _start_training(
-        tiny_model_dir, rows, root / "live", **{"train.max_steps": 500, "train.eval_steps": 100}
+        tiny_model_dir, rows, root / "live", **{"train.max_steps": 300, "train.eval_steps": 100}
     )
     try:
         page.click('tr[data-run="live"] a', timeout=90_000)  # appears in the table while the page is open
